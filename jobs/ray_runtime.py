@@ -1,0 +1,35 @@
+"""Connecting to Ray: a cluster when an address is given (or RAY_ADDRESS is set), else a local one."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_OBJECT_STORE_BYTES = 1 << 30
+
+
+def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
+    """Start or join Ray once per process.
+
+    A local Ray gets at least 4 logical CPUs: on a 2-core laptop Train workers and Ray Data
+    tasks otherwise starve each other (Train workers take fractional CPUs as well).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        logger.info("connecting to Ray at %s", address)
+        ray.init(address=address, log_to_driver=True)
+        return
+    cpus = num_cpus or max(4, os.cpu_count() or 1)
+    logger.info("starting a local Ray with %d logical CPUs", cpus)
+    ray.init(
+        num_cpus=cpus,
+        object_store_memory=DEFAULT_OBJECT_STORE_BYTES,
+        include_dashboard=False,
+        log_to_driver=True,
+    )

@@ -1,0 +1,164 @@
+"""The one place that touches storage: filesystems, JSON, Parquet, and staged publishing.
+
+Every job writes its output through ``staged_output``: everything goes to a hidden staging
+directory next to the destination, which is moved into place only when the body finished
+without error, and ``_SUCCESS`` is written last. Readers trust a directory only when
+``is_complete`` says so. Paths may be local or any URI pyarrow's filesystems accept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import posixpath
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+SUCCESS_MARKER = "_SUCCESS"
+
+
+class OutputExistsError(FileExistsError):
+    """The destination already holds a complete output and overwrite was not asked for."""
+
+
+def resolve(path: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a local path or a URI."""
+    if "://" in str(path):
+        return pafs.FileSystem.from_uri(str(path))
+    return pafs.LocalFileSystem(), os.path.abspath(os.fspath(path))
+
+
+def join(base: str, *parts: str) -> str:
+    if "://" in str(base):
+        return posixpath.join(str(base), *parts)
+    return os.path.join(os.fspath(base), *parts)
+
+
+def exists(path: str) -> bool:
+    fs, inner = resolve(path)
+    return fs.get_file_info(inner).type != pafs.FileType.NotFound
+
+
+def is_complete(path: str) -> bool:
+    """True when ``path`` is a published output (its ``_SUCCESS`` marker exists)."""
+    return exists(join(path, SUCCESS_MARKER))
+
+
+def remove(path: str) -> None:
+    fs, inner = resolve(path)
+    info = fs.get_file_info(inner)
+    if info.type == pafs.FileType.Directory:
+        fs.delete_dir(inner)
+    elif info.type == pafs.FileType.File:
+        fs.delete_file(inner)
+
+
+def makedirs(path: str) -> None:
+    fs, inner = resolve(path)
+    fs.create_dir(inner, recursive=True)
+
+
+def write_text(path: str, text: str) -> None:
+    fs, inner = resolve(path)
+    parent = posixpath.dirname(inner) if "://" in str(path) else os.path.dirname(inner)
+    if parent:
+        fs.create_dir(parent, recursive=True)
+    with fs.open_output_stream(inner) as stream:
+        stream.write(text.encode())
+
+
+def read_text(path: str) -> str:
+    fs, inner = resolve(path)
+    with fs.open_input_stream(inner) as stream:
+        return stream.read().decode()
+
+
+def write_json(path: str, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_json(path: str) -> Any:
+    return json.loads(read_text(path))
+
+
+def write_table(path: str, table: pa.Table) -> None:
+    """Write one Parquet file (parents created)."""
+    fs, inner = resolve(path)
+    parent = posixpath.dirname(inner) if "://" in str(path) else os.path.dirname(inner)
+    if parent:
+        fs.create_dir(parent, recursive=True)
+    pq.write_table(table, inner, filesystem=fs)
+
+
+def read_table(path: str, *, columns: list[str] | None = None) -> pa.Table:
+    """Read a Parquet file or a directory of Parquet files (hive partitions allowed)."""
+    fs, inner = resolve(path)
+    return pq.read_table(inner, filesystem=fs, columns=columns, partitioning="hive")
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _staging_path(out: str) -> str:
+    out = str(out).rstrip("/")
+    parent, name = (posixpath.split(out) if "://" in out else os.path.split(os.path.abspath(out)))
+    return join(parent, f".{name}._staging-{uuid.uuid4().hex[:12]}")
+
+
+def check_writable(out: str, *, overwrite: bool) -> None:
+    """Refuse an existing output unless overwrite; call before any work starts."""
+    if exists(out) and not overwrite:
+        state = "complete" if is_complete(out) else "incomplete"
+        raise OutputExistsError(
+            f"output {out} already exists ({state}); pass --overwrite to replace it"
+        )
+
+
+@contextlib.contextmanager
+def staged_output(out: str, *, overwrite: bool = False) -> Iterator[str]:
+    """Yield a staging directory; on clean exit move it to ``out`` and write ``_SUCCESS`` last.
+
+    On an exception the staging directory is removed and ``out`` is left as it was, so a
+    failed run never leaves a visible partial output. Local moves are ``os.rename`` (atomic on
+    one filesystem); on object stores the ``_SUCCESS`` marker is what readers check.
+    """
+    check_writable(out, overwrite=overwrite)
+    staging = _staging_path(out)
+    makedirs(staging)
+    try:
+        yield staging
+    except BaseException:
+        with contextlib.suppress(Exception):
+            remove(staging)
+        raise
+    publish_directory(staging, out)
+
+
+def publish_directory(staging: str, out: str) -> None:
+    """Move a finished staging directory to ``out`` (replacing it) and write ``_SUCCESS`` last."""
+    fs, staging_inner = resolve(staging)
+    _, out_inner = resolve(out)
+    trash = None
+    if exists(out):
+        trash = _staging_path(out).replace("._staging-", "._replaced-")
+        fs.move(out_inner, resolve(trash)[1])
+    fs.move(staging_inner, out_inner)
+    write_text(join(out, SUCCESS_MARKER), utc_now() + "\n")
+    if trash is not None:
+        remove(trash)
+
+
+def replace_file_atomically(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` so readers see the old or the new content, never a mix."""
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    write_text(tmp, text)
+    fs, tmp_inner = resolve(tmp)
+    fs.move(tmp_inner, resolve(path)[1])

@@ -17,12 +17,18 @@ from twotower_core.config import ConfigError
 # subcommand -> (module, one-line summary)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "generate-logs": ("jobs.generate_logs", "write a synthetic world of raw logs (Contract 1)"),
-    "build-dataset": ("jobs.build_dataset", "raw logs -> positives, negatives, eval split (Contract 2)"),
+    "build-dataset": (
+        "jobs.build_dataset",
+        "raw logs -> positives, negatives, eval split (Contract 2)",
+    ),
     "train": ("jobs.train", "train the two towers on Ray Train (Contract 3)"),
     "embed": ("jobs.embed", "write user and item embedding tables (Contract 4)"),
     "evaluate": ("jobs.evaluate", "Recall/NDCG of a model or embedding dir on the eval split"),
     "retrieve": ("jobs.retrieve", "top-k items for a user from an embedding dir (FAISS)"),
-    "nightly": ("jobs.nightly", "build -> train (warm start) -> evaluate -> gate -> embed -> publish"),
+    "nightly": (
+        "jobs.nightly",
+        "build -> train (warm start) -> evaluate -> gate -> embed -> publish",
+    ),
     "demo": ("jobs.demo", "the whole pipeline on generated logs on a local Ray, with a summary"),
 }
 

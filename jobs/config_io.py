@@ -38,7 +38,9 @@ def load_config_dict(path_or_preset: str | None) -> dict[str, Any]:
     return data
 
 
-def load_config(path_or_preset: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+def load_config(
+    path_or_preset: str | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> Config:
     return config_from_dict(load_config_dict(path_or_preset), overrides=overrides)
 
 

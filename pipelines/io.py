@@ -109,7 +109,7 @@ def utc_now() -> str:
 
 def _staging_path(out: str) -> str:
     out = str(out).rstrip("/")
-    parent, name = (posixpath.split(out) if "://" in out else os.path.split(os.path.abspath(out)))
+    parent, name = posixpath.split(out) if "://" in out else os.path.split(os.path.abspath(out))
     return join(parent, f".{name}._staging-{uuid.uuid4().hex[:12]}")
 
 
@@ -162,3 +162,47 @@ def replace_file_atomically(path: str, text: str) -> None:
     write_text(tmp, text)
     fs, tmp_inner = resolve(tmp)
     fs.move(tmp_inner, resolve(path)[1])
+
+
+def save_torch(path: str, obj: Any) -> None:
+    """``torch.save`` to a local path or URI (written to a temp name, then moved)."""
+    import io as _io
+
+    import torch
+
+    buffer = _io.BytesIO()
+    torch.save(obj, buffer)
+    fs, inner = resolve(path)
+    parent = posixpath.dirname(inner) if "://" in str(path) else os.path.dirname(inner)
+    if parent:
+        fs.create_dir(parent, recursive=True)
+    tmp = f"{inner}.tmp-{uuid.uuid4().hex[:8]}"
+    with fs.open_output_stream(tmp) as stream:
+        stream.write(buffer.getvalue())
+    fs.move(tmp, inner)
+
+
+def load_torch(path: str) -> Any:
+    import io as _io
+
+    import torch
+
+    fs, inner = resolve(path)
+    with fs.open_input_stream(inner) as stream:
+        data = stream.read()
+    return torch.load(_io.BytesIO(data), map_location="cpu", weights_only=False)
+
+
+def copy_tree(source: str, destination: str) -> None:
+    """Copy a directory (local or URI) recursively."""
+    src_fs, src_inner = resolve(source)
+    dst_fs, dst_inner = resolve(destination)
+    pafs.copy_files(src_inner, dst_inner, source_filesystem=src_fs, destination_filesystem=dst_fs)
+
+
+def count_rows(path: str) -> int:
+    """Rows in a Parquet file or directory, from the footers (no data read)."""
+    import pyarrow.dataset as pads
+
+    fs, inner = resolve(path)
+    return pads.dataset(inner, filesystem=fs, format="parquet", partitioning="hive").count_rows()

@@ -338,7 +338,11 @@ def validate(config: Config) -> None:
     for source, count in ds.negatives.counts().items():
         _require(count >= 0, f"dataset.negatives.{source}", "must be >= 0")
     _require(ds.negatives.unexposed_alpha >= 0, "dataset.negatives.unexposed_alpha", "must be >= 0")
-    _require(ds.negatives.ranked_out_min_rank >= 0, "dataset.negatives.ranked_out_min_rank", "must be >= 0")
+    _require(
+        ds.negatives.ranked_out_min_rank >= 0,
+        "dataset.negatives.ranked_out_min_rank",
+        "must be >= 0",
+    )
     max_rank = ds.negatives.ranked_out_max_rank
     _require(
         max_rank is None or max_rank >= ds.negatives.ranked_out_min_rank,
@@ -353,7 +357,11 @@ def validate(config: Config) -> None:
     _require(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
     _check_name(m.activation, ("relu", "gelu", "tanh", "silu"), "model.activation")
     _check_name(m.bag_pooling, ("mean", "sum"), "model.bag_pooling")
-    _require(m.use_ids or m.use_features, "model.use_ids", "use_ids and use_features cannot both be false")
+    _require(
+        m.use_ids or m.use_features,
+        "model.use_ids",
+        "use_ids and use_features cannot both be false",
+    )
     for side in ("user_feature_kinds", "item_feature_kinds"):
         for column, kind in getattr(m, side).items():
             _check_name(kind, FEATURE_KINDS, f"model.{side}.{column}")

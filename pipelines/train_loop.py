@@ -1,0 +1,489 @@
+"""The per-worker training loop run by Ray Train's TorchTrainer, and what it reads.
+
+Legend: B batch, N data negatives per row, S sampled negatives per batch, D embedding dim,
+M items embedded in one step (B + B·N + S).
+
+Every worker reads the small per-entity tables (features, vocab counts) itself; training rows
+stream in through ``ray.train.get_dataset_shard("train")``. Rank 0 evaluates at the end of each
+epoch and writes the checkpoint; every worker calls ``ray.train.report`` (it is a barrier).
+A checkpoint carries the model, the optimizer, the step counter, the metric history and the
+best weights so far, so a restarted worker group or a relaunched driver resumes where it was.
+"""
+
+from __future__ import annotations
+
+import csv
+import io as _stdio
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from torch import nn
+
+from pipelines import io
+from pipelines.checkpoint import model_payload, row_map
+from pipelines.features import build_feature_table
+from twotower_core.config import NEGATIVE_SOURCES, Config, config_from_dict
+from twotower_core.features import FeatureSpec, FeatureTable
+from twotower_core.metrics import retrieval_metrics
+from twotower_core.task import build_task
+from twotower_core.towers import TwoTowerModel, build_two_tower
+
+STATE_FILE = "train_state.pt"
+TRAIN_COLUMNS = ["user_idx", "item_idx", "neg_item_idxs", "neg_sources"]
+
+
+class TowerPair(nn.Module):
+    """Both towers behind one ``forward`` so DDP sees every parameter in a single call.
+
+    Feature tables are plain tensors looked up by index, not parameters or buffers: DDP
+    never broadcasts them.
+    """
+
+    def __init__(
+        self, model: TwoTowerModel, user_features: FeatureTable, item_features: FeatureTable
+    ):
+        super().__init__()
+        self.model = model
+        self.user_features = user_features
+        self.item_features = item_features
+
+    def forward(
+        self, user_idx_B: torch.Tensor, item_idx_M: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        user_BD = self.model.user_tower(user_idx_B, self.user_features.lookup(user_idx_B))
+        item_MD = self.model.item_tower(item_idx_M, self.item_features.lookup(item_idx_M))
+        return user_BD, item_MD
+
+
+@dataclass
+class EvalData:
+    """Held-out positives of the eval users, and their train positives to exclude (CSR)."""
+
+    user_idx: np.ndarray  # [U] eval users
+    eval_indptr: np.ndarray  # [U + 1]
+    eval_items: np.ndarray  # [nnz]
+    exclude_indptr: np.ndarray  # [U + 1]
+    exclude_items: np.ndarray
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0  # epochs fully done
+    global_step: int = 0
+    step_in_epoch: int = 0  # batches done in the current (unfinished) epoch
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_metric: float = -math.inf
+    best_epoch: int = -1
+    epochs_without_improvement: int = 0
+    best_state_dict: dict[str, torch.Tensor] | None = None
+
+
+def to_csr(
+    rows: np.ndarray, values: np.ndarray, row_ids: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Group ``values`` by ``rows`` into CSR aligned to ``row_ids`` (sorted unique)."""
+    order = np.lexsort((values, rows))
+    rows, values = rows[order], values[order]
+    positions = np.searchsorted(row_ids, rows)
+    keep = (positions < len(row_ids)) & (row_ids[np.minimum(positions, len(row_ids) - 1)] == rows)
+    positions, values = positions[keep], values[keep]
+    counts = np.bincount(positions, minlength=len(row_ids))
+    indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    return indptr, values.astype(np.int64)
+
+
+def load_eval_data(dataset_dir: str, *, max_users: int | None, seed: int) -> EvalData:
+    eval_table = io.read_table(io.join(dataset_dir, "eval"), columns=["user_idx", "item_idx"])
+    eval_users = eval_table["user_idx"].to_numpy()
+    eval_items = eval_table["item_idx"].to_numpy()
+    users = np.unique(eval_users)
+    if max_users is not None and len(users) > max_users:
+        users = np.sort(np.random.default_rng(seed).choice(users, size=max_users, replace=False))
+    eval_indptr, eval_values = to_csr(eval_users, eval_items, users)
+    train = io.read_table(io.join(dataset_dir, "train"), columns=["user_idx", "item_idx"])
+    exclude_indptr, exclude_values = to_csr(
+        train["user_idx"].to_numpy(), train["item_idx"].to_numpy(), users
+    )
+    # A user's train positives may repeat (clicked in several requests): keep each item once.
+    exclude_indptr, exclude_values = _dedupe_csr(exclude_indptr, exclude_values)
+    return EvalData(users, eval_indptr, eval_values, exclude_indptr, exclude_values)
+
+
+def _dedupe_csr(indptr: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    rows = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
+    pairs = (
+        np.unique(np.stack([rows, values], axis=1), axis=0)
+        if len(values)
+        else np.zeros((0, 2), np.int64)
+    )
+    counts = np.bincount(pairs[:, 0], minlength=len(indptr) - 1)
+    return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), pairs[:, 1].astype(np.int64)
+
+
+@torch.no_grad()
+def embed_all(
+    tower: nn.Module, table: FeatureTable, idx: np.ndarray, *, chunk: int = 8192
+) -> torch.Tensor:
+    """Tower outputs for the given entity rows, in chunks: ``[len(idx), D]``."""
+    outputs = []
+    for start in range(0, len(idx), chunk):
+        ids = torch.as_tensor(idx[start : start + chunk], dtype=torch.long)
+        outputs.append(tower(ids, table.lookup(ids)))
+    return torch.cat(outputs) if outputs else torch.zeros(0)
+
+
+def evaluate_model(
+    model: TwoTowerModel,
+    *,
+    user_features: FeatureTable,
+    item_features: FeatureTable,
+    num_items: int,
+    eval_data: EvalData,
+    similarity: str,
+    ks: tuple[int, ...],
+) -> dict[str, float]:
+    was_training = model.training
+    model.eval()
+    user_UD = embed_all(model.user_tower, user_features, eval_data.user_idx)
+    item_ID = embed_all(model.item_tower, item_features, np.arange(num_items))
+    model.train(was_training)
+    return retrieval_metrics(
+        user_UD,
+        item_ID,
+        similarity=similarity,
+        eval_indptr=torch.as_tensor(eval_data.eval_indptr),
+        eval_items=torch.as_tensor(eval_data.eval_items),
+        exclude_indptr=torch.as_tensor(eval_data.exclude_indptr),
+        exclude_items=torch.as_tensor(eval_data.exclude_items),
+        ks=ks,
+    )
+
+
+def batch_tensors(batch: pa.Table) -> dict[str, torch.Tensor]:
+    """A pyarrow batch of train rows -> index tensors (``neg_*`` are ``[B, N]``)."""
+    num_rows = batch.num_rows
+    neg_flat = pc.list_flatten(batch["neg_item_idxs"]).to_numpy(zero_copy_only=False)
+    num_negatives = len(neg_flat) // num_rows if num_rows else 0
+    sources_flat = pc.index_in(
+        pc.list_flatten(batch["neg_sources"]), value_set=pa.array(NEGATIVE_SOURCES)
+    )
+    return {
+        "user_idx": torch.as_tensor(
+            batch["user_idx"].to_numpy(zero_copy_only=False), dtype=torch.long
+        ),
+        "item_idx": torch.as_tensor(
+            batch["item_idx"].to_numpy(zero_copy_only=False), dtype=torch.long
+        ),
+        "neg_item_idx": torch.as_tensor(neg_flat, dtype=torch.long).view(num_rows, num_negatives),
+        "neg_source": torch.as_tensor(
+            sources_flat.to_numpy(zero_copy_only=False), dtype=torch.long
+        ).view(num_rows, num_negatives),
+    }
+
+
+def _optimizer(config: Config, parameters) -> torch.optim.Optimizer:
+    t = config.train
+    if t.optimizer == "adam":
+        return torch.optim.Adam(parameters, lr=t.learning_rate, weight_decay=t.weight_decay)
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(parameters, lr=t.learning_rate, weight_decay=t.weight_decay)
+    if t.optimizer == "adagrad":
+        return torch.optim.Adagrad(parameters, lr=t.learning_rate, weight_decay=t.weight_decay)
+    return torch.optim.SGD(
+        parameters, lr=t.learning_rate, weight_decay=t.weight_decay, momentum=0.9
+    )
+
+
+def history_csv(history: list[dict[str, Any]]) -> str:
+    if not history:
+        return ""
+    columns = list(dict.fromkeys(key for row in history for key in row))
+    buffer = _stdio.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(history)
+    return buffer.getvalue()
+
+
+def load_entity_tables(
+    dataset_dir: str, user_specs: list[FeatureSpec], item_specs: list[FeatureSpec]
+):
+    users = io.read_table(io.join(dataset_dir, "features", "users.parquet"))
+    items = io.read_table(io.join(dataset_dir, "features", "items.parquet"))
+    item_counts = io.read_table(io.join(dataset_dir, "vocab", "items.parquet"), columns=["count"])
+    return (
+        build_feature_table(users, user_specs),
+        build_feature_table(items, item_specs),
+        users.num_rows,
+        items.num_rows,
+        torch.as_tensor(item_counts["count"].to_numpy(zero_copy_only=False), dtype=torch.float64),
+    )
+
+
+def warm_start(model: TwoTowerModel, init_from: str, dataset_dir: str) -> None:
+    """Copy a previous model's rows for ids known to both; new ids keep their fresh init."""
+    from pipelines.checkpoint import CHECKPOINT_DIR, MODEL_FILE, VOCAB_DIR
+    from twotower_core.towers import remap_id_rows
+
+    payload = io.load_torch(io.join(init_from, CHECKPOINT_DIR, MODEL_FILE))
+    maps = {}
+    for side, column in (("users", "user_id"), ("items", "item_id")):
+        old = io.read_table(
+            io.join(init_from, CHECKPOINT_DIR, VOCAB_DIR, f"{side}.parquet"), columns=[column]
+        )
+        new = io.read_table(io.join(dataset_dir, "vocab", f"{side}.parquet"), columns=[column])
+        maps[side] = torch.as_tensor(row_map(old[column], new[column]))
+    remap_id_rows(
+        model,
+        payload["state_dict"],
+        user_index_map=maps["users"],
+        item_index_map=maps["items"],
+    )
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Entry point of every Ray Train worker."""
+    import ray.train
+    import ray.train.torch
+
+    config = config_from_dict(loop_config["config"])
+    dataset_dir: str = loop_config["dataset"]
+    user_specs = [FeatureSpec.from_dict(d) for d in loop_config["user_specs"]]
+    item_specs = [FeatureSpec.from_dict(d) for d in loop_config["item_specs"]]
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    t = config.train
+    torch.set_num_threads(t.torch_threads or max(1, int(t.cpus_per_worker)))
+    torch.manual_seed(t.seed)
+
+    user_table, item_table, num_users, num_items, item_counts = load_entity_tables(
+        dataset_dir, user_specs, item_specs
+    )
+    model = build_two_tower(
+        config.model,
+        num_users=num_users,
+        num_items=num_items,
+        user_specs=user_specs,
+        item_specs=item_specs,
+    )
+    task = build_task(config.loss, item_counts=item_counts)
+    optimizer = _optimizer(config, model.parameters())
+    state = TrainState()
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            saved = torch.load(
+                os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=False
+            )
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        state = saved["state"]
+        if rank == 0:
+            print(
+                f"[train] resumed from checkpoint: epoch {state.epoch}, step {state.global_step}",
+                flush=True,
+            )
+    elif loop_config.get("init_from"):
+        warm_start(model, loop_config["init_from"], dataset_dir)
+        if rank == 0:
+            print(f"[train] warm start from {loop_config['init_from']}", flush=True)
+
+    device = ray.train.torch.get_device() if t.use_gpu else torch.device("cpu")
+    user_table, item_table = user_table.to(device), item_table.to(device)
+    pair = TowerPair(model, user_table, item_table)
+    pair = ray.train.torch.prepare_model(
+        pair, parallel_strategy_kwargs={"broadcast_buffers": False}
+    )
+    eval_data = (
+        load_eval_data(dataset_dir, max_users=t.eval_max_users, seed=t.seed) if rank == 0 else None
+    )
+    generator = torch.Generator().manual_seed(t.seed * 1000 + rank)
+    shard = ray.train.get_dataset_shard("train")
+
+    def save_and_report(metrics: dict[str, Any]) -> None:
+        if rank != 0:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as directory:
+            torch.save(
+                {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state},
+                os.path.join(directory, STATE_FILE),
+            )
+            payload = model_payload(
+                state.best_state_dict or model.state_dict(),
+                config=config,
+                user_specs=user_specs,
+                item_specs=item_specs,
+                num_users=num_users,
+                num_items=num_items,
+            )
+            torch.save(payload, os.path.join(directory, "best_model.pt"))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+    while state.epoch < t.epochs:
+        pair.train()
+        skip = state.step_in_epoch
+        loss_sum, loss_count, started, examples = 0.0, 0, time.perf_counter(), 0
+        last_log = started
+        batches = shard.iter_batches(
+            batch_size=t.batch_size,
+            batch_format="pyarrow",
+            drop_last=True,
+            local_shuffle_buffer_size=t.batch_size * 8,
+            local_shuffle_seed=t.seed + state.epoch,
+        )
+        for batch_number, batch in enumerate(batches):
+            if batch_number < skip:
+                continue
+            loss = _train_step(
+                pair, task, optimizer, batch_tensors(batch), config, generator, num_items, device
+            )
+            state.global_step += 1
+            state.step_in_epoch = batch_number + 1
+            loss_sum, loss_count = loss_sum + loss, loss_count + 1
+            examples += batch.num_rows
+            now = time.perf_counter()
+            if rank == 0 and now - last_log >= 10:
+                print(
+                    f"[train] epoch {state.epoch + 1}/{t.epochs} step {state.global_step} "
+                    f"loss {loss_sum / loss_count:.4f} {examples * world_size / (now - started):.0f} examples/s",
+                    flush=True,
+                )
+                last_log = now
+            if t.checkpoint_every_steps and state.global_step % t.checkpoint_every_steps == 0:
+                save_and_report(
+                    {
+                        "epoch": state.epoch,
+                        "step": state.global_step,
+                        "train_loss": loss_sum / loss_count,
+                    }
+                )
+        elapsed = time.perf_counter() - started
+        epoch_loss = _mean_across_workers(loss_sum, loss_count)
+        row: dict[str, Any] = {
+            "epoch": state.epoch + 1,
+            "step": state.global_step,
+            "train_loss": epoch_loss,
+            "examples_per_s": examples * world_size / max(elapsed, 1e-9),
+            "epoch_seconds": elapsed,
+        }
+        stop = False
+        if rank == 0:
+            assert eval_data is not None
+            row.update(
+                evaluate_model(
+                    model,
+                    user_features=user_table,
+                    item_features=item_table,
+                    num_items=num_items,
+                    eval_data=eval_data,
+                    similarity=config.loss.similarity,
+                    ks=t.eval_ks,
+                )
+            )
+            score = row.get(t.early_stopping_metric, -math.inf)
+            if score > state.best_metric:
+                state.best_metric, state.best_epoch = score, state.epoch + 1
+                state.epochs_without_improvement = 0
+                state.best_state_dict = {
+                    k: v.detach().clone() for k, v in model.state_dict().items()
+                }
+            else:
+                state.epochs_without_improvement += 1
+            patience = t.early_stopping_patience
+            stop = patience is not None and state.epochs_without_improvement >= patience
+            summary = " ".join(f"{k} {v:.4f}" for k, v in row.items() if "@" in k or k == "mrr")
+            print(
+                f"[train] epoch {state.epoch + 1}/{t.epochs} done: loss {epoch_loss:.4f} "
+                f"{row['examples_per_s']:.0f} examples/s; {summary}",
+                flush=True,
+            )
+        state.history.append(row)
+        state.epoch += 1
+        state.step_in_epoch = 0
+        stop = _broadcast_flag(stop)
+        if stop:
+            state.epoch = t.epochs
+        save_and_report({k: v for k, v in row.items() if isinstance(v, int | float)})
+        if stop and rank == 0:
+            print(
+                f"[train] early stop: no gain in {t.early_stopping_metric} for {patience} epochs",
+                flush=True,
+            )
+
+
+def _train_step(
+    pair: nn.Module,
+    task,
+    optimizer: torch.optim.Optimizer,
+    tensors: dict[str, torch.Tensor],
+    config: Config,
+    generator: torch.Generator,
+    num_items: int,
+    device: torch.device,
+) -> float:
+    user_idx, item_idx = tensors["user_idx"].to(device), tensors["item_idx"].to(device)
+    neg_idx_BN, neg_source_BN = tensors["neg_item_idx"].to(device), tensors["neg_source"].to(device)
+    batch_size, num_negatives = neg_idx_BN.shape
+    use_data = config.loss.use_data_negatives and num_negatives > 0
+    parts = [item_idx]
+    if use_data:
+        parts.append(neg_idx_BN.reshape(-1))
+    sampled_idx_S = None
+    if config.loss.num_sampled_negatives > 0:
+        sampled_idx_S = task.sample(config.loss.num_sampled_negatives, generator=generator).to(
+            device
+        )
+        parts.append(sampled_idx_S)
+    user_BD, item_MD = pair(user_idx, torch.cat(parts))
+    pos_BD = item_MD[:batch_size]
+    offset = batch_size
+    neg_BND = None
+    if use_data:
+        neg_BND = item_MD[offset : offset + batch_size * num_negatives].view(
+            batch_size, num_negatives, -1
+        )
+        offset += batch_size * num_negatives
+    sampled_SD = item_MD[offset:] if sampled_idx_S is not None else None
+    loss = task(
+        user_BD,
+        pos_BD,
+        pos_item_idx_B=item_idx,
+        neg_item_BND=neg_BND,
+        neg_item_idx_BN=neg_idx_BN if use_data else None,
+        neg_source_BN=neg_source_BN if use_data else None,
+        sampled_item_SD=sampled_SD,
+        sampled_item_idx_S=sampled_idx_S,
+    )
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
+def _mean_across_workers(total: float, count: int) -> float:
+    import torch.distributed as dist
+
+    values = torch.tensor([total, float(count)], dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(values)
+    return float(values[0] / max(values[1].item(), 1.0))
+
+
+def _broadcast_flag(flag: bool) -> bool:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    value = torch.tensor([1 if flag else 0])
+    dist.broadcast(value, src=0)
+    return bool(value.item())

@@ -206,3 +206,33 @@ def count_rows(path: str) -> int:
 
     fs, inner = resolve(path)
     return pads.dataset(inner, filesystem=fs, format="parquet", partitioning="hive").count_rows()
+
+
+def list_files(path: str) -> list[str]:
+    """Files under a directory, recursively, sorted; a file itself gives ``[path]``.
+
+    Names starting with ``_`` or ``.`` anywhere below ``path`` (``_SUCCESS``, staging dirs,
+    ``.crc`` files) are skipped, as Parquet readers skip them. URIs stay URIs.
+    """
+    fs, inner = resolve(path)
+    info = fs.get_file_info(inner)
+    if info.type == pafs.FileType.File:
+        return [str(path)]
+    if info.type != pafs.FileType.Directory:
+        return []
+    found = []
+    for entry in fs.get_file_info(pafs.FileSelector(inner, recursive=True)):
+        if entry.type != pafs.FileType.File:
+            continue
+        relative = entry.path[len(inner) :].lstrip("/")
+        if any(part.startswith(("_", ".")) for part in relative.split("/")):
+            continue
+        found.append(join(str(path), relative) if "://" in str(path) else entry.path)
+    return sorted(found)
+
+
+def read_parquet_metadata(path: str) -> pq.FileMetaData:
+    """The footer of one Parquet file (schema, row groups, column statistics); no data read."""
+    fs, inner = resolve(path)
+    with fs.open_input_file(inner) as stream:
+        return pq.read_metadata(stream)

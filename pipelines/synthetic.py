@@ -40,7 +40,7 @@ from typing import NamedTuple
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from pipelines import io
 
@@ -147,7 +147,9 @@ class WorldSpec:
             if getattr(self, name) < 0:
                 raise ValueError(f"WorldSpec.{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.home_tag_share <= 1.0:
-            raise ValueError(f"WorldSpec.home_tag_share must be in [0, 1], got {self.home_tag_share}")
+            raise ValueError(
+                f"WorldSpec.home_tag_share must be in [0, 1], got {self.home_tag_share}"
+            )
         if self.affinity_std <= 0:
             raise ValueError(f"WorldSpec.affinity_std must be > 0, got {self.affinity_std}")
 
@@ -228,9 +230,7 @@ class GeneratedWorld:
 # Oracle helpers
 
 
-def oracle_scores(
-    user_UD: np.ndarray, item_ID: np.ndarray, item_bias_I: np.ndarray
-) -> np.ndarray:
+def oracle_scores(user_UD: np.ndarray, item_ID: np.ndarray, item_bias_I: np.ndarray) -> np.ndarray:
     """scores_UI = user_UD @ item_ID.T + item_bias_I: the true affinity that drives clicks."""
     return user_UD @ item_ID.T + item_bias_I[None, :]
 
@@ -322,12 +322,13 @@ def make_world(spec: WorldSpec) -> World:
     )  # fmt: skip
     brands_per_category = max(2, spec.items // (25 * spec.num_categories))
     brand_vectors_BD = base_vectors(spec.num_categories * brands_per_category)
-    price_direction_D = base_vectors(1)[0] * np.sqrt(dim) / np.linalg.norm(base_vectors(1)[0])
+    price_direction_D = base_vectors(1)[0]
+    price_direction_D /= np.linalg.norm(price_direction_D)
 
     # Category sizes are uneven, as in any real catalog.
     category_share_C = rng.dirichlet(np.full(spec.num_categories, 2.0))
     item_category_I = rng.choice(spec.num_categories, spec.items, p=category_share_C)
-    tag_lists, tag_mean_ID = _draw_tags(spec, rng, item_category_I, home_tags_CH, tag_vectors_TD)
+    tag_lists, tag_part_ID = _draw_tags(spec, rng, item_category_I, home_tags_CH, tag_vectors_TD)
     brand_I = item_category_I * brands_per_category + rng.integers(
         0, brands_per_category, spec.items
     )
@@ -337,8 +338,8 @@ def make_world(spec: WorldSpec) -> World:
 
     item_feature_ID = (
         np.sqrt(ITEM_PARTS["category"]) * category_centroids_CD[item_category_I]
-        + np.sqrt(ITEM_PARTS["tags"]) * tag_mean_ID
-        + np.sqrt(ITEM_PARTS["price"]) * price_z_I[:, None] * price_direction_D[None, :] / np.sqrt(dim)
+        + np.sqrt(ITEM_PARTS["tags"]) * tag_part_ID
+        + np.sqrt(ITEM_PARTS["price"]) * price_z_I[:, None] * price_direction_D[None, :]
         + np.sqrt(ITEM_PARTS["brand"]) * brand_vectors_BD[brand_I]
     )
     item_vectors_ID = item_feature_ID + np.sqrt(ITEM_PARTS["noise"]) * item_noise_ID
@@ -386,15 +387,17 @@ def make_world(spec: WorldSpec) -> World:
             "category": pa.array(category_names, pa.string()).take(pa.array(item_category_I)),
             "tags": _tag_list_array(tag_lists, tag_names),
             "price": pa.array(np.round(np.exp(log_price_I), 2), pa.float64()),
-            "brand": pa.array([f"brand{b:04d}" for b in range(len(brand_vectors_BD))], pa.string())
-            .take(pa.array(brand_I)),
+            "brand": pa.array(
+                [f"brand{b:04d}" for b in range(len(brand_vectors_BD))], pa.string()
+            ).take(pa.array(brand_I)),
         }
     )
     users = pa.table(
         {
             "user_id": user_ids,
-            "country": pa.array(COUNTRIES[: spec.num_countries], pa.string())
-            .take(pa.array(user_country_U)),
+            "country": pa.array(COUNTRIES[: spec.num_countries], pa.string()).take(
+                pa.array(user_country_U)
+            ),
             "age_bucket": pa.array(AGE_BUCKETS, pa.string()).take(pa.array(user_age_U)),
         }
     )
@@ -427,7 +430,8 @@ def _draw_tags(
 ) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray]:
     """1–4 distinct tags per item, mostly from its category's home set.
 
-    Returns ((offsets [I + 1], tag indices), tag_mean_ID: mean tag vector of each item).
+    Returns ((offsets [I + 1], tag indices), tag_part_ID: each item's tag vectors summed and
+    divided by sqrt(count), so its expected squared norm is 1 whatever the count).
     """
     max_tags = 4
     wanted_I = 1 + rng.binomial(max_tags - 1, 0.4, spec.items)
@@ -447,9 +451,7 @@ def _draw_tags(
     tags = drawn_IM[keep_IM]
     tag_sum_ID = np.zeros((spec.items, tag_vectors_TD.shape[1]))
     np.add.at(tag_sum_ID, np.repeat(np.arange(spec.items), counts_I), tag_vectors_TD[tags])
-    # × sqrt(count): the mean of k unit-variance vectors has variance 1/k; keep the share fixed.
-    tag_mean_ID = tag_sum_ID / np.sqrt(counts_I)[:, None]
-    return (offsets, tags), tag_mean_ID
+    return (offsets, tags), tag_sum_ID / np.sqrt(counts_I)[:, None]
 
 
 def _tag_list_array(tag_lists: tuple[np.ndarray, np.ndarray], tag_names: list[str]) -> pa.Array:
@@ -510,7 +512,9 @@ def simulate_day(world: World, day_index: int) -> dict[str, pa.Table]:
             spec.items, (num_requests, spec.popular_candidates_per_request), p=world.popularity_I
         )
         popular_affinity_NE = (
-            np.einsum("ned,nd->ne", world.item_vectors_ID[popular_NE], world.user_vectors_UD[user_N])
+            np.einsum(
+                "ned,nd->ne", world.item_vectors_ID[popular_NE], world.user_vectors_UD[user_N]
+            )
             + world.item_bias_I[popular_NE]
         )
         candidates_NX = np.concatenate([candidates_NX, popular_NE], axis=1)
@@ -545,19 +549,34 @@ def simulate_day(world: World, day_index: int) -> dict[str, pa.Table]:
     request_ids = _request_ids(spec.dates()[day_index], num_requests)
     retrieval_rows = np.repeat(np.arange(num_requests), num_r)
     impression_rows = np.repeat(np.arange(num_requests), num_s)
-    retrievals = _log_table(
-        world, request_ids, retrieval_rows, user_N, candidates_NR.ravel(), ts_us_N[retrieval_rows],
-        extra={"retrieval_rank": pa.array(np.tile(np.arange(num_r, dtype=np.int32), num_requests))},
-    )  # fmt: skip
-    impressions = _log_table(
-        world, request_ids, impression_rows, user_N, shown_items_NS.ravel(), ts_us_N[impression_rows],
-        extra={"position": pa.array(np.tile(np.arange(num_s, dtype=np.int32), num_requests))},
-    )  # fmt: skip
-    clicks = _log_table(
-        world, request_ids, click_request, user_N, shown_items_NS[click_request, click_position],
-        ts_us_N[click_request] + (delay_s * _US).astype(np.int64),
-        extra={"dwell_s": pa.array(np.round(dwell_s, 2), pa.float64())},
-    )  # fmt: skip
+    click_ts_us = ts_us_N[click_request] + (delay_s * _US).astype(np.int64)
+    retrievals = pa.table(
+        {
+            **_id_columns(world, request_ids, retrieval_rows, user_N, candidates_NR.ravel()),
+            "retrieval_rank": pa.array(np.tile(np.arange(num_r, dtype=np.int32), num_requests)),
+            "ts": pa.array(ts_us_N[retrieval_rows], TS_TYPE),
+        }
+    )
+    impressions = pa.table(
+        {
+            **_id_columns(world, request_ids, impression_rows, user_N, shown_items_NS.ravel()),
+            "position": pa.array(np.tile(np.arange(num_s, dtype=np.int32), num_requests)),
+            "ts": pa.array(ts_us_N[impression_rows], TS_TYPE),
+        }
+    )
+    clicks = pa.table(
+        {
+            **_id_columns(
+                world,
+                request_ids,
+                click_request,
+                user_N,
+                shown_items_NS[click_request, click_position],
+            ),
+            "ts": pa.array(click_ts_us, TS_TYPE),
+            "dwell_s": pa.array(np.round(dwell_s, 2), pa.float64()),
+        }
+    )
     return {"clicks": clicks, "impressions": impressions, "retrievals": retrievals}
 
 
@@ -577,33 +596,25 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 
 
 def _request_ids(day: str, count: int) -> pa.Array:
-    """"r20261101-0000042": unique across days, sortable by time within a day."""
+    """Ids like r20261101-0000042: unique across days, in time order within a day."""
     width = max(7, len(str(max(count - 1, 0))))
     digits = pc.utf8_lpad(pa.array(np.arange(count)).cast(pa.string()), width=width, padding="0")
     return pc.binary_join_element_wise(f"r{day.replace('-', '')}-", digits, "")
 
 
-def _log_table(
+def _id_columns(
     world: World,
     request_ids: pa.Array,
     request_rows: np.ndarray,
     user_N: np.ndarray,
     item_rows: np.ndarray,
-    ts_us: np.ndarray,
-    *,
-    extra: dict[str, pa.Array],
-) -> pa.Table:
-    """request_id, user_id, item_id, <extra columns before ts except dwell_s>, ts."""
-    columns = {
+) -> dict[str, pa.Array]:
+    """request_id, user_id, item_id of log rows that belong to the given requests."""
+    return {
         "request_id": request_ids.take(pa.array(request_rows, pa.int64())),
         "user_id": world.user_ids.take(pa.array(user_N[request_rows], pa.int64())),
         "item_id": world.item_ids.take(pa.array(item_rows, pa.int64())),
     }
-    trailing = {name: array for name, array in extra.items() if name == "dwell_s"}
-    columns.update({name: array for name, array in extra.items() if name != "dwell_s"})
-    columns["ts"] = pa.array(ts_us, TS_TYPE)
-    columns.update(trailing)
-    return pa.table(columns)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,96 @@
+"""Config: every shipped preset validates; bad keys and values fail naming the dotted key."""
+
+import pytest
+
+from jobs.config_io import load_config, preset_names
+from twotower_core.config import (
+    Config,
+    ConfigError,
+    config_from_dict,
+    config_to_dict,
+    debug_config,
+    parse_override,
+)
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_every_shipped_preset_validates(name):
+    assert isinstance(load_config(name), Config)
+
+
+def test_presets_include_default_and_debug():
+    assert {"default", "debug"} <= set(preset_names())
+
+
+def test_defaults_round_trip_through_a_plain_dict():
+    config = config_from_dict({})
+    assert config_from_dict(config_to_dict(config)) == config
+    assert config_from_dict(config_to_dict(debug_config())) == debug_config()
+
+
+def test_unknown_key_names_the_dotted_key():
+    with pytest.raises(ConfigError, match=r"loss\.nmae"):
+        config_from_dict({"loss": {"nmae": "bpr"}})
+
+
+def test_unknown_loss_lists_the_valid_names():
+    with pytest.raises(ConfigError, match=r"loss\.name.*in_batch_softmax"):
+        config_from_dict({"loss": {"name": "softmaxx"}})
+
+
+def test_negative_learning_rate_is_refused():
+    with pytest.raises(ConfigError, match=r"train\.learning_rate"):
+        config_from_dict({"train": {"learning_rate": -0.1}})
+
+
+def test_wrong_type_is_refused_with_the_key():
+    with pytest.raises(ConfigError, match=r"train\.epochs.*integer"):
+        config_from_dict({"train": {"epochs": "five"}})
+
+
+def test_bool_is_not_an_int():
+    with pytest.raises(ConfigError, match=r"train\.epochs"):
+        config_from_dict({"train": {"epochs": True}})
+
+
+def test_overrides_win_and_are_typed():
+    config = config_from_dict(
+        {"loss": {"name": "bpr"}},
+        overrides=[
+            "loss.name=sampled_softmax",
+            "train.epochs=7",
+            "model.hidden_dims=[32,16]",
+            "loss.hard_negative_top_k=null",
+        ],
+    )
+    assert config.loss.name == "sampled_softmax"
+    assert config.train.epochs == 7
+    assert config.model.hidden_dims == (32, 16)
+    assert config.loss.hard_negative_top_k is None
+
+
+def test_override_needs_an_equals_sign():
+    with pytest.raises(ConfigError, match="section.key=value"):
+        parse_override("loss.name")
+
+
+def test_source_weights_must_name_a_negative_source():
+    with pytest.raises(ConfigError, match=r"loss\.source_weights\.clicked"):
+        config_from_dict({"loss": {"source_weights": {"clicked": 1.0}}})
+
+
+def test_cosine_regression_needs_cosine_similarity():
+    with pytest.raises(ConfigError, match="cosine"):
+        config_from_dict({"loss": {"name": "cosine_regression", "similarity": "dot"}})
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(str(tmp_path / "nope.yaml"))
+
+
+def test_yaml_file_with_a_bad_key(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  epoch: 3\n")
+    with pytest.raises(ConfigError, match=r"train\.epoch"):
+        load_config(str(path))

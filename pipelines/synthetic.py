@@ -3,20 +3,22 @@
 The world is a latent-factor model whose factors are tied to the features a two-tower model
 sees, so that what it learns can be checked against the truth:
 
-- item vector = category centroid + mean of its tag vectors + price direction × standardised
-  log price + brand vector + item-specific noise; item bias = Zipf-like popularity term;
+- item vector = category centroid + its tag vectors (tags lean towards the category's) +
+  price direction × standardised log price + brand vector + item-specific noise;
+- item bias = a Zipf-like popularity term (standardised log of 1 / a random popularity rank);
 - user vector = country centroid + age-bucket centroid + user-specific noise;
 - true affinity(u, i) = dot(user_vector[u], item_vector[i]) + item_bias[i]   (``oracle_scores``).
 
-Features carry part of the signal (centroids), ids carry the rest (the noise terms).
+Features carry most of the signal (the centroids, ``ITEM_PARTS`` / ``USER_PARTS``); ids carry
+the rest (the noise terms), so a model needs both to approach the oracle.
 
 Each day every user makes Poisson(activity) requests. For each request:
 
 1. retrieval returns R candidates: the user's top-P items by true affinity (P = pool_factor × R,
    a stand-in for a decent production retriever) plus E popularity-sampled "trending" items,
    scored by true affinity + N(0, retrieval_noise²); the top R are kept, ranked 0..R-1;
-2. the ranker rescores the R candidates with true affinity + N(0, ranker_noise²), a sharper
-   model, and shows the top S at positions 0..S-1;
+2. the ranker rescores the R candidates with true affinity + N(0, ranker_noise²) (sharper than
+   retrieval, still imperfect) and shows the top S at positions 0..S-1;
 3. each shown item is clicked with probability
    sigmoid(affinity + click_offset) × position_bias[position],
    position_bias[k] = 1 / (1 + k) ** position_bias_exponent.
@@ -57,8 +59,8 @@ COUNTRIES: tuple[str, ...] = (
 
 # Share of each part in the expected squared norm of a latent vector before the final scaling.
 # The feature parts are what a model can learn from features alone; the rest needs ids.
-ITEM_PARTS = {"category": 0.40, "tags": 0.20, "price": 0.10, "brand": 0.10, "noise": 0.20}
-USER_PARTS = {"country": 0.30, "age_bucket": 0.30, "noise": 0.40}
+ITEM_PARTS = {"category": 0.40, "tags": 0.25, "price": 0.10, "brand": 0.10, "noise": 0.15}
+USER_PARTS = {"country": 0.35, "age_bucket": 0.35, "noise": 0.30}
 
 # Requests start in [0, 86400 - 600) s of their day and clicks follow within 600 s, so every row
 # lands in its request's day partition.
@@ -70,6 +72,8 @@ TS_TYPE = pa.timestamp("us", tz="UTC")
 # Seed streams: (seed, stream, day) keeps each day's draws independent of the others.
 _STREAM_WORLD = 0
 _STREAM_DAY = 1
+# Requests per retrieval block: bounds the block's (requests × pool) arrays to ~100 MB.
+_REQUEST_BLOCK = 16_384
 
 
 @dataclass(frozen=True)
@@ -82,7 +86,7 @@ class WorldSpec:
     seed: int = 0
     id_type: str = "int"
     start_date: str = "2026-11-01"
-    latent_dim: int = 16
+    latent_dim: int = 8
     num_categories: int = 20
     num_tags: int = 60
     # Tags an item draws from its category's home set (the rest are uniform over all tags).
@@ -94,15 +98,15 @@ class WorldSpec:
     candidates_per_request: int = 50  # R
     shown_per_request: int = 10  # S
     # Each user's retrieval pool is their top pool_factor × R items by true affinity.
-    pool_factor: int = 3
+    pool_factor: int = 4
     popular_candidates_per_request: int = 10  # E
     # Std of u·v over random (user, item) pairs after scaling.
-    affinity_std: float = 2.0
+    affinity_std: float = 1.5
     # Item bias = popularity_strength × standardised log(1 / popularity rank).
-    popularity_strength: float = 0.6
-    retrieval_noise: float = 2.0
-    ranker_noise: float = 0.5
-    click_offset: float = -2.5
+    popularity_strength: float = 0.4
+    retrieval_noise: float = 3.0
+    ranker_noise: float = 2.5
+    click_offset: float = -3.5
     position_bias_exponent: float = 0.7
 
     def validate(self) -> None:
@@ -186,8 +190,10 @@ class World:
     item_category_I: np.ndarray  # index into the category names
     user_activity_U: np.ndarray  # mean requests per day
     popularity_I: np.ndarray  # float64, sums to 1: sampling weights of "trending" candidates
-    pool_items_UP: np.ndarray  # int32: each user's top-P items by true affinity
+    pool_items_UP: np.ndarray  # int32: each user's top-P items by true affinity, by item index
     pool_affinity_UP: np.ndarray  # float32: their true affinity
+    # [U * P] int64 user * I + item, sorted: membership in a pool is one searchsorted.
+    pool_keys: np.ndarray
 
 
 class Oracle(NamedTuple):
@@ -291,6 +297,8 @@ def make_ids(count: int, *, kind: str, id_type: str) -> pa.Array:
     distinct int64s (an odd multiplier is a bijection mod 2**31) so that nothing downstream
     can get away with treating an id as a dense index.
     """
+    if kind not in ("user", "item") or id_type not in ID_TYPES:
+        raise ValueError(f"make_ids: kind must be user/item and id_type one of {ID_TYPES}")
     index = np.arange(count, dtype=np.int64)
     if id_type == "string":
         width = max(6, len(str(max(count - 1, 0))))
@@ -418,6 +426,10 @@ def make_world(spec: WorldSpec) -> World:
         popularity_I=popularity_I,
         pool_items_UP=pool_items_UP,
         pool_affinity_UP=pool_affinity_UP,
+        # Rows are sorted by item and users are in order, so the keys come out sorted.
+        pool_keys=(
+            np.arange(spec.users, dtype=np.int64)[:, None] * spec.items + pool_items_UP
+        ).ravel(),
     )
 
 
@@ -463,7 +475,10 @@ def _tag_list_array(tag_lists: tuple[np.ndarray, np.ndarray], tag_names: list[st
 def _retrieval_pools(
     user_UD: np.ndarray, item_ID: np.ndarray, item_bias_I: np.ndarray, pool_size: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Each user's top pool_size items by true affinity (any order) and those affinities."""
+    """Each user's top pool_size items by true affinity, sorted by item index, and their affinity.
+
+    Rows are sorted by item so that membership can be tested with one ``searchsorted``.
+    """
     num_users = user_UD.shape[0]
     pool_UP = np.empty((num_users, pool_size), dtype=np.int32)
     affinity_UP = np.empty((num_users, pool_size), dtype=np.float32)
@@ -472,7 +487,7 @@ def _retrieval_pools(
     for start in range(0, num_users, batch):
         scores_BI = oracle_scores(user_UD[start : start + batch], item_ID, item_bias_I)
         if pool_size < scores_BI.shape[1]:
-            top_BP = np.argpartition(-scores_BI, pool_size - 1, axis=1)[:, :pool_size]
+            top_BP = np.sort(np.argpartition(scores_BI, -pool_size, axis=1)[:, -pool_size:], axis=1)
         else:
             top_BP = np.broadcast_to(np.arange(pool_size), scores_BI.shape)
         pool_UP[start : start + batch] = top_BP
@@ -504,30 +519,12 @@ def simulate_day(world: World, day_index: int) -> dict[str, pa.Table]:
     user_N, ts_us_N = user_N[order], day_start_us + offset_us_N[order]
     num_requests = len(user_N)
 
-    # Retrieval: pool ∪ popularity samples, noisy affinity, top R.
-    candidates_NX = world.pool_items_UP[user_N].astype(np.int64)
-    affinity_NX = world.pool_affinity_UP[user_N]
-    if spec.popular_candidates_per_request > 0:
-        popular_NE = rng.choice(
-            spec.items, (num_requests, spec.popular_candidates_per_request), p=world.popularity_I
-        )
-        popular_affinity_NE = (
-            np.einsum(
-                "ned,nd->ne", world.item_vectors_ID[popular_NE], world.user_vectors_UD[user_N]
-            )
-            + world.item_bias_I[popular_NE]
-        )
-        candidates_NX = np.concatenate([candidates_NX, popular_NE], axis=1)
-        affinity_NX = np.concatenate([affinity_NX, popular_affinity_NE], axis=1)
-    retrieval_score_NX = affinity_NX + spec.retrieval_noise * rng.standard_normal(
-        affinity_NX.shape, dtype=np.float32
-    )
-    # A popularity sample can repeat a pool item or another sample; pool items come first and
-    # are distinct, so with a stable sort the repeats are the later copies.
-    retrieval_score_NX[_repeats_mask(candidates_NX)] = -np.inf
-    retrieved_NR = _top_k_sorted(retrieval_score_NX, num_r)
-    candidates_NR = np.take_along_axis(candidates_NX, retrieved_NR, axis=1)
-    affinity_NR = np.take_along_axis(affinity_NX, retrieved_NR, axis=1)
+    # Retrieval in request blocks: the pool × request arrays are the largest of the day.
+    candidates_NR = np.empty((num_requests, num_r), dtype=np.int64)
+    affinity_NR = np.empty((num_requests, num_r), dtype=np.float32)
+    for start in range(0, num_requests, _REQUEST_BLOCK):
+        block = slice(start, start + _REQUEST_BLOCK)
+        candidates_NR[block], affinity_NR[block] = _retrieve(world, user_N[block], rng)
 
     # Ranker: sharper noisy affinity, top S shown in score order.
     ranker_score_NR = affinity_NR + spec.ranker_noise * rng.standard_normal(
@@ -545,11 +542,14 @@ def simulate_day(world: World, day_index: int) -> dict[str, pa.Table]:
     dwell_s = np.exp(
         rng.normal(3.0 + 0.3 * np.tanh(shown_affinity_NS[click_request, click_position]), 0.6)
     )
+    click_ts_us = ts_us_N[click_request] + (delay_s * _US).astype(np.int64)
+    by_time = np.argsort(click_ts_us, kind="stable")
+    click_request, click_position = click_request[by_time], click_position[by_time]
+    click_ts_us, dwell_s = click_ts_us[by_time], dwell_s[by_time]
 
     request_ids = _request_ids(spec.dates()[day_index], num_requests)
     retrieval_rows = np.repeat(np.arange(num_requests), num_r)
     impression_rows = np.repeat(np.arange(num_requests), num_s)
-    click_ts_us = ts_us_N[click_request] + (delay_s * _US).astype(np.int64)
     retrievals = pa.table(
         {
             **_id_columns(world, request_ids, retrieval_rows, user_N, candidates_NR.ravel()),
@@ -580,15 +580,50 @@ def simulate_day(world: World, day_index: int) -> dict[str, pa.Table]:
     return {"clicks": clicks, "impressions": impressions, "retrievals": retrievals}
 
 
-def _repeats_mask(candidates_NX: np.ndarray) -> np.ndarray:
-    """True where an entry repeats an earlier entry of its row."""
-    order_NX = np.argsort(candidates_NX, axis=1, kind="stable")
-    sorted_NX = np.take_along_axis(candidates_NX, order_NX, axis=1)
-    repeat_sorted_NX = np.zeros(candidates_NX.shape, dtype=bool)
-    repeat_sorted_NX[:, 1:] = sorted_NX[:, 1:] == sorted_NX[:, :-1]
-    repeat_NX = np.empty_like(repeat_sorted_NX)
-    np.put_along_axis(repeat_NX, order_NX, repeat_sorted_NX, axis=1)
-    return repeat_NX
+def _retrieve(
+    world: World, user_N: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """candidates_NR (item indices, best first) and their true affinity_NR for N requests.
+
+    Candidates are the user's pool plus E popularity samples, scored by true affinity plus
+    retrieval noise; a sample that repeats a pool item or an earlier sample is never kept.
+    """
+    spec = world.spec
+    num_popular = spec.popular_candidates_per_request
+    candidates_NX = world.pool_items_UP[user_N].astype(np.int64)
+    affinity_NX = world.pool_affinity_UP[user_N]
+    if num_popular > 0:
+        popular_NE = rng.choice(spec.items, (len(user_N), num_popular), p=world.popularity_I)
+        user_vectors_ND = world.user_vectors_UD[user_N]
+        popular_affinity_NE = (
+            np.einsum("ned,nd->ne", world.item_vectors_ID[popular_NE], user_vectors_ND)
+            + world.item_bias_I[popular_NE]
+        )
+        candidates_NX = np.concatenate([candidates_NX, popular_NE], axis=1)
+        affinity_NX = np.concatenate([affinity_NX, popular_affinity_NE], axis=1)
+    score_NX = affinity_NX + spec.retrieval_noise * rng.standard_normal(
+        affinity_NX.shape, dtype=np.float32
+    )
+    if num_popular > 0:
+        score_NX[:, -num_popular:][_popular_repeats(world, user_N, popular_NE)] = -np.inf
+    # Pool items are distinct and P >= R, so the top R never includes a masked repeat.
+    top_NR = _top_k_sorted(score_NX, spec.candidates_per_request)
+    return (
+        np.take_along_axis(candidates_NX, top_NR, axis=1),
+        np.take_along_axis(affinity_NX, top_NR, axis=1),
+    )
+
+
+def _popular_repeats(world: World, user_N: np.ndarray, popular_NE: np.ndarray) -> np.ndarray:
+    """True where a popularity sample is in the user's pool or repeats an earlier sample."""
+    pool_keys = world.pool_keys
+    keys_NE = user_N[:, None] * world.spec.items + popular_NE
+    found_NE = np.minimum(np.searchsorted(pool_keys, keys_NE), len(pool_keys) - 1)
+    repeat_NE = pool_keys[found_NE] == keys_NE
+    for column in range(1, popular_NE.shape[1]):
+        earlier_NC = popular_NE[:, :column] == popular_NE[:, column : column + 1]
+        repeat_NE[:, column] |= earlier_NC.any(axis=1)
+    return repeat_NE
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:

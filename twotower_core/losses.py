@@ -51,7 +51,9 @@ def _check_pairs(pos_scores: Tensor, neg_scores: Tensor, neg_weights: Tensor | N
         )
 
 
-def _pointwise_mean(pos_terms_B: Tensor, neg_terms_BN: Tensor, neg_weights: Tensor | None) -> Tensor:
+def _pointwise_mean(
+    pos_terms_B: Tensor, neg_terms_BN: Tensor, neg_weights: Tensor | None
+) -> Tensor:
     """(Σ ℓ⁺ + Σ w·ℓ⁻) / (B + Σ w): every labelled pair once, a negative w times."""
     if neg_weights is None:
         neg_weights = torch.ones_like(neg_terms_BN)
@@ -113,7 +115,11 @@ def cosine_regression(
 
 
 def contrastive(
-    pos_scores: Tensor, neg_scores: Tensor, *, margin: float = 0.5, neg_weights: Tensor | None = None
+    pos_scores: Tensor,
+    neg_scores: Tensor,
+    *,
+    margin: float = 0.5,
+    neg_weights: Tensor | None = None,
 ) -> Tensor:
     """d⁺² + max(0, m − d⁻)² with d = −s; mean over the B·(1+N) pairs.
 
@@ -139,7 +145,11 @@ def contrastive(
 
 
 def triplet_hinge(
-    pos_scores: Tensor, neg_scores: Tensor, *, margin: float = 0.5, neg_weights: Tensor | None = None
+    pos_scores: Tensor,
+    neg_scores: Tensor,
+    *,
+    margin: float = 0.5,
+    neg_weights: Tensor | None = None,
 ) -> Tensor:
     """max(0, s⁻ − s⁺ + m) per (positive, negative) pair; mean over the B·N pairs.
 
@@ -152,7 +162,9 @@ def triplet_hinge(
         neg_weights: [B, N] weight of each negative, 0 = masked; None = all 1.
     """
     _check_pairs(pos_scores, neg_scores, neg_weights)
-    return _pairwise_mean((neg_scores - pos_scores.unsqueeze(1) + margin).clamp_min(0.0), neg_weights)
+    return _pairwise_mean(
+        (neg_scores - pos_scores.unsqueeze(1) + margin).clamp_min(0.0), neg_weights
+    )
 
 
 def triplet_logistic(

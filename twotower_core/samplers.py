@@ -32,7 +32,9 @@ from torch import Tensor
 def log_q_from_counts(counts_I: Tensor, alpha: float = 1.0) -> Tensor:
     """[I] float64 log q(j) = α·log(c_j + 1) − log Σ_k (c_k + 1)^α."""
     if counts_I.dim() != 1 or counts_I.numel() == 0:
-        raise ValueError(f"item counts must be a non-empty [I] tensor, got shape {tuple(counts_I.shape)}")
+        raise ValueError(
+            f"item counts must be a non-empty [I] tensor, got shape {tuple(counts_I.shape)}"
+        )
     if alpha < 0:
         raise ValueError(f"sampler alpha must be >= 0, got {alpha}")
     counts = counts_I.to(torch.float64)

@@ -104,7 +104,12 @@ def _euclidean_negatives(query_BD: Tensor, key_BND: Tensor) -> Tensor:
 
 SIMILARITIES: dict[str, Similarity] = {
     "dot": Similarity(
-        "dot", _dot_pairs, _dot_matrix, _dot_negatives, ann_metric="inner_product", normalize_for_serving=False
+        "dot",
+        _dot_pairs,
+        _dot_matrix,
+        _dot_negatives,
+        ann_metric="inner_product",
+        normalize_for_serving=False,
     ),
     "cosine": Similarity(
         "cosine",

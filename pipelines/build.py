@@ -1,0 +1,710 @@
+"""build-dataset on Ray Data: Contract 1 logs -> Contract 2 dataset.
+
+The order of work, all of it visible in ``build_dataset``:
+
+1. validate the logs from their Parquet footers (``contracts.validate_logs``) and refuse an
+   existing output, before any Ray work;
+2. read the catalog and the users table on the driver (dimension tables, not logs): vocab
+   ids, features, quarantine of null and duplicate ids;
+3. pass 1 (Ray Data, clicks only): which users have a positive, train clicks per item; from
+   these the user vocab and the ``unexposed`` sampling table, put once in the object store;
+4. pass 2 (Ray Data): every log table normalised to one event schema, one hash shuffle by
+   ``user_id``, then ``examples.build_partition`` on each partition (polars), which writes its
+   train/eval/quarantine part files into the staging dir and returns only counts;
+5. on the driver: vocab with counts, features, manifest; ``io.staged_output`` moves the staging
+   dir into place and writes ``_SUCCESS`` last.
+
+Logs never reach the driver; a task holds one block (read) or one partition (build), so
+memory is bounded by ``dataset.num_partitions``, not by the size of the logs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from pipelines import io
+from pipelines.contracts import (
+    DATASET_EVAL,
+    DATASET_FEATURES,
+    DATASET_QUARANTINE,
+    DATASET_TRAIN,
+    DATASET_VOCAB,
+    ITEMS_FILE,
+    LOG_TABLES,
+    MANIFEST_FILE,
+    REASON_DUPLICATE_ID,
+    REASON_NULL_ITEM_ID,
+    REASON_NULL_USER_ID,
+    REQUIRED_COLUMNS,
+    TABLE_CLICKS,
+    TABLE_IMPRESSIONS,
+    TABLE_ITEMS,
+    TABLE_USERS,
+    USERS_FILE,
+    LogsInfo,
+    eval_schema,
+    id_type_name,
+    quarantine_schema,
+    train_schema,
+    validate_logs,
+    vocab_schema,
+)
+from pipelines.examples import (
+    PartitionLookups,
+    PartitionResult,
+    PartitionSettings,
+    build_partition,
+    event_schema,
+    make_lookups,
+    merge_stats,
+    normalize_events,
+    stable_id_hash,
+    summarize_clicks,
+)
+from twotower_core.config import DatasetConfig, config_to_dict
+
+logger = logging.getLogger(__name__)
+
+_US_PER_DAY = 86_400 * 1_000_000
+
+
+class QuarantineLimitError(ValueError):
+    """More input rows were quarantined than ``dataset.max_quarantine_fraction`` allows."""
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    out: str
+    manifest: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Window:
+    """The log window [start, end] in whole UTC days and the train/eval split time."""
+
+    start: date
+    end: date  # inclusive
+    split_us: int
+
+    @property
+    def start_us(self) -> int:
+        return _day_start_us(self.start)
+
+    @property
+    def end_us(self) -> int:
+        """Exclusive: midnight after ``end``."""
+        return _day_start_us(self.end + timedelta(days=1))
+
+
+def _day_start_us(day: date) -> int:
+    return int(datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp()) * 1_000_000
+
+
+def _iso_us(value_us: int) -> str:
+    return datetime.fromtimestamp(value_us / 1_000_000, tz=UTC).isoformat()
+
+
+def _parse_day(text: str, key: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError as error:
+        raise ValueError(f"{key}: expected a date YYYY-MM-DD, got {text!r}") from error
+
+
+def resolve_window(config: DatasetConfig, ts_range_us: tuple[int, int] | None) -> Window:
+    """Window and split time from the config, defaulting from the logs' ts range.
+
+    end = ``dataset.end`` or the last day with data; start = ``dataset.start``, else
+    ``end - window_days + 1``, else the first day with data; split = ``dataset.split_time``
+    or midnight starting the last ``eval_days`` days of the window.
+    """
+    needs_range = config.end is None or (config.start is None and config.window_days is None)
+    if needs_range and ts_range_us is None:
+        raise ValueError("the logs hold no rows with a ts: cannot default the window (set dataset.start/end)")
+    if config.end is not None:
+        end = _parse_day(config.end, "dataset.end")
+    else:
+        end = datetime.fromtimestamp(ts_range_us[1] / 1_000_000, tz=UTC).date()
+    if config.start is not None:
+        start = _parse_day(config.start, "dataset.start")
+    elif config.window_days is not None:
+        start = end - timedelta(days=config.window_days - 1)
+    else:
+        start = datetime.fromtimestamp(ts_range_us[0] / 1_000_000, tz=UTC).date()
+    if start > end:
+        raise ValueError(f"dataset.start ({start}) is after dataset.end ({end})")
+    if config.split_time is not None:
+        try:
+            split = datetime.fromisoformat(config.split_time)
+        except ValueError as error:
+            raise ValueError(
+                f"dataset.split_time: expected an ISO date-time, got {config.split_time!r}"
+            ) from error
+        split = split if split.tzinfo else split.replace(tzinfo=UTC)
+        split_us = int(split.timestamp() * 1_000_000)
+    else:
+        split_us = _day_start_us(end + timedelta(days=1 - config.eval_days))
+    window = Window(start=start, end=end, split_us=split_us)
+    if not window.start_us < split_us <= window.end_us:
+        raise ValueError(
+            f"split time {_iso_us(split_us)} leaves no training days in the window "
+            f"{start}..{end} (dataset.eval_days={config.eval_days}, "
+            f"dataset.split_time={config.split_time})"
+        )
+    return window
+
+
+# ---------------------------------------------------------------------------------------------
+# driver side: catalog and users tables
+
+
+@dataclass(frozen=True)
+class EntityTable:
+    """A catalog or users table after quarantine: unique non-null ids, sorted by id."""
+
+    table: pl.DataFrame  # <side>_id first, then feature columns
+    quarantine: pl.DataFrame
+
+
+def _read_entity_table(info: LogsInfo, name: str, id_type: pa.DataType) -> EntityTable:
+    side = "item" if name == TABLE_ITEMS else "user"
+    key = f"{side}_id"
+    table = pl.from_arrow(io.read_table(info.tables[name].path))
+    table = table.with_columns(pl.col(key).cast(pl.Int64 if pa.types.is_integer(id_type) else pl.String))
+    table = table.select(key, pl.exclude(key)).with_row_index("_row")
+    null = table.filter(pl.col(key).is_null())
+    non_null = table.filter(pl.col(key).is_not_null())
+    duplicate = non_null.filter(pl.int_range(pl.len()).over(key) > 0)
+    kept = non_null.filter(pl.int_range(pl.len()).over(key) == 0).sort(key).drop("_row")
+
+    def quarantine(rows: pl.DataFrame, reason: str) -> pl.DataFrame:
+        rows = rows.drop("_row")
+        return rows.select(
+            pl.lit(name).alias("table"),
+            pl.lit(reason).alias("reason"),
+            pl.lit(None, dtype=pl.String).alias("request_id"),
+            (pl.col(key) if side == "user" else pl.lit(None)).alias("user_id"),
+            (pl.col(key) if side == "item" else pl.lit(None)).alias("item_id"),
+            pl.struct(pl.all()).struct.json_encode().alias("row"),
+        )
+
+    null_reason = REASON_NULL_ITEM_ID if side == "item" else REASON_NULL_USER_ID
+    return EntityTable(
+        table=kept,
+        quarantine=pl.concat([quarantine(null, null_reason), quarantine(duplicate, REASON_DUPLICATE_ID)]),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray Data UDFs (pure batch functions; shared tables come through an ObjectRef, cached per worker)
+
+_SHARED_CACHE: dict[str, Any] = {}
+
+
+def _shared(ref: Any) -> Any:
+    """``ray.get`` once per worker process and object (the object is immutable)."""
+    import ray
+
+    key = ref.hex()
+    if key not in _SHARED_CACHE:
+        _SHARED_CACHE.clear()
+        _SHARED_CACHE[key] = ray.get(ref)
+    return _SHARED_CACHE[key]
+
+
+def _normalize_batch(
+    batch: pa.Table,
+    *,
+    table: str,
+    start_us: int,
+    end_us: int,
+    user_id_type: pa.DataType,
+    item_id_type: pa.DataType,
+) -> pa.Table:
+    events = normalize_events(
+        pl.from_arrow(batch),
+        table=table,
+        start_us=start_us,
+        end_us=end_us,
+        user_id_type=user_id_type,
+        item_id_type=item_id_type,
+    )
+    return events.to_arrow().cast(event_schema(user_id_type, item_id_type))
+
+
+def _summarize_batch(
+    batch: pa.Table,
+    *,
+    catalog_ref: Any,
+    split_us: int,
+    start_us: int,
+    end_us: int,
+    user_id_type: pa.DataType,
+    item_id_type: pa.DataType,
+) -> pa.Table:
+    clicks = normalize_events(
+        pl.from_arrow(batch),
+        table=TABLE_CLICKS,
+        start_us=start_us,
+        end_us=end_us,
+        user_id_type=user_id_type,
+        item_id_type=item_id_type,
+    )
+    users, items = summarize_clicks(clicks, catalog_ids=_shared(catalog_ref), split_us=split_us)
+    return pl.concat([users, items], how="diagonal").to_arrow()
+
+
+def _ts_range_batch(batch: pa.Table) -> pa.Table:
+    ts_us = pl.from_arrow(batch).select(pl.col("ts").dt.epoch("us"))["ts"]
+    return pa.table({"low": [ts_us.min()], "high": [ts_us.max()]}, schema=pa.schema([("low", pa.int64()), ("high", pa.int64())]))
+
+
+@dataclass(frozen=True)
+class _OutputSpec:
+    staging: str
+    train: pa.Schema
+    eval: pa.Schema
+    quarantine: pa.Schema
+
+
+def _to_arrow(frame: pl.DataFrame, schema: pa.Schema) -> pa.Table:
+    """A polars output frame (``ts_us`` as int) -> the canonical Arrow schema."""
+    table = frame.to_arrow()
+    if "ts_us" in table.column_names:
+        index = table.column_names.index("ts_us")
+        ts = table.column(index).cast(pa.int64()).cast(schema.field("ts").type)
+        table = table.set_column(index, "ts", ts)
+    return table.select(schema.names).cast(schema)
+
+
+def _partition_file_name(events: pl.DataFrame) -> str:
+    """Deterministic per partition: named after a hash of its smallest user id."""
+    first = events["user_id"].drop_nulls().min()
+    if first is None:
+        return "part-null-users.parquet"
+    return f"part-{int(stable_id_hash(pl.Series([first]))[0]):016x}.parquet"
+
+
+def _build_batch(
+    batch: pa.Table, *, lookups_ref: Any, settings: PartitionSettings, output: _OutputSpec
+) -> pa.Table:
+    """One hash partition -> its part files in staging; returns one row of counts."""
+    events = pl.from_arrow(batch)
+    if events.height == 0:
+        return _counts_row(None)
+    result = build_partition(events, _shared(lookups_ref), settings)
+    name = _partition_file_name(events)
+    for folder, frame, schema in (
+        (DATASET_TRAIN, result.train, output.train),
+        (DATASET_EVAL, result.eval, output.eval),
+        (DATASET_QUARANTINE, result.quarantine, output.quarantine),
+    ):
+        if frame.height:
+            io.write_table(io.join(output.staging, folder, name), _to_arrow(frame, schema))
+    return _counts_row(result)
+
+
+_COUNTS_SCHEMA = pa.schema(
+    [
+        ("stats", pa.string()),
+        ("user_idx", pa.list_(pa.int64())),
+        ("user_count", pa.list_(pa.int64())),
+        ("item_idx", pa.list_(pa.int64())),
+        ("item_count", pa.list_(pa.int64())),
+    ]
+)
+
+
+def _counts_row(result: PartitionResult | None) -> pa.Table:
+    if result is None:
+        return _COUNTS_SCHEMA.empty_table()
+    return pa.table(
+        {
+            "stats": [json.dumps(result.stats)],
+            "user_idx": [result.user_counts["user_idx"].to_list()],
+            "user_count": [result.user_counts["count"].to_list()],
+            "item_idx": [result.item_counts["item_idx"].to_list()],
+            "item_count": [result.item_counts["count"].to_list()],
+        },
+        schema=_COUNTS_SCHEMA,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# the passes
+
+
+def _read_log(info: LogsInfo, table: str, columns: list[str]):
+    import ray.data
+
+    return ray.data.read_parquet(
+        list(info.tables[table].files),
+        columns=columns,
+        partitioning=None,
+        file_extensions=None,
+    )
+
+
+def _ts_range_with_ray(info: LogsInfo) -> tuple[int, int] | None:
+    """The logs' ts range when the Parquet statistics do not give it (one column read)."""
+    lows, highs = [], []
+    for table in LOG_TABLES:
+        if not info.has(table):
+            continue
+        ranges = _read_log(info, table, ["ts"]).map_batches(_ts_range_batch, batch_format="pyarrow")
+        for batch in ranges.iter_batches(batch_format="pyarrow", batch_size=None):
+            lows.extend(v for v in batch["low"].to_pylist() if v is not None)
+            highs.extend(v for v in batch["high"].to_pylist() if v is not None)
+    return (min(lows), max(highs)) if lows else None
+
+
+def _summarize_clicks_pass(
+    info: LogsInfo, window: Window, catalog_ids: pl.Series
+) -> tuple[pl.Series, pl.DataFrame]:
+    """Pass 1 -> (ids of users with a valid click in the window, [item_id, train_clicks])."""
+    import ray
+
+    catalog_ref = ray.put(catalog_ids)
+    summaries = _read_log(info, TABLE_CLICKS, list(REQUIRED_COLUMNS[TABLE_CLICKS])).map_batches(
+        _summarize_batch,
+        batch_format="pyarrow",
+        fn_kwargs={
+            "catalog_ref": catalog_ref,
+            "split_us": window.split_us,
+            "start_us": window.start_us,
+            "end_us": window.end_us,
+            "user_id_type": info.user_id_type,
+            "item_id_type": info.item_id_type,
+        },
+    )
+    user_parts: list[pl.Series] = []
+    item_parts: list[pl.DataFrame] = []
+    for batch in summaries.iter_batches(batch_format="pyarrow", batch_size=None):
+        frame = pl.from_arrow(batch)
+        if "user_id" in frame.columns:
+            user_parts.append(frame["user_id"].drop_nulls())
+        if "item_id" in frame.columns:
+            item_parts.append(frame.filter(pl.col("item_id").is_not_null()).select("item_id", "train_clicks"))
+        # Compact as we go: the driver holds O(users + items), never O(clicks).
+        if len(user_parts) > 64:
+            user_parts = [pl.concat(user_parts).unique()]
+        if len(item_parts) > 64:
+            item_parts = [pl.concat(item_parts).group_by("item_id").agg(pl.col("train_clicks").sum())]
+    users = pl.concat(user_parts).unique() if user_parts else pl.Series("user_id", [], dtype=catalog_ids.dtype)
+    item_counts = (
+        pl.concat(item_parts).group_by("item_id").agg(pl.col("train_clicks").sum())
+        if item_parts
+        else pl.DataFrame(schema={"item_id": catalog_ids.dtype, "train_clicks": pl.Int64})
+    )
+    return users, item_counts
+
+
+def _examples_pass(
+    info: LogsInfo,
+    window: Window,
+    lookups: PartitionLookups,
+    settings: PartitionSettings,
+    output: _OutputSpec,
+    *,
+    num_partitions: int,
+) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    """Pass 2 -> (merged counts, train positives per user_idx, per item_idx)."""
+    import ray
+
+    lookups_ref = ray.put(lookups)
+    normalize_kwargs = {
+        "start_us": window.start_us,
+        "end_us": window.end_us,
+        "user_id_type": info.user_id_type,
+        "item_id_type": info.item_id_type,
+    }
+    events = None
+    for table in LOG_TABLES:
+        if not info.has(table):
+            continue
+        part = _read_log(info, table, list(REQUIRED_COLUMNS[table])).map_batches(
+            _normalize_batch,
+            batch_format="pyarrow",
+            fn_kwargs={"table": table, **normalize_kwargs},
+        )
+        events = part if events is None else events.union(part)
+    counts = (
+        events.repartition(num_partitions, keys=["user_id"])
+        .map_batches(
+            _build_batch,
+            batch_size=None,
+            batch_format="pyarrow",
+            fn_kwargs={"lookups_ref": lookups_ref, "settings": settings, "output": output},
+        )
+    )
+    stats: dict[str, Any] = {}
+    user_counts = np.zeros(lookups.users.height, dtype=np.int64)
+    item_counts = np.zeros(lookups.items.height, dtype=np.int64)
+    for batch in counts.iter_batches(batch_format="pyarrow", batch_size=None):
+        for row in batch.to_pylist():
+            merge_stats(stats, json.loads(row["stats"]))
+            np.add.at(user_counts, np.asarray(row["user_idx"], dtype=np.int64), row["user_count"])
+            np.add.at(item_counts, np.asarray(row["item_idx"], dtype=np.int64), row["item_count"])
+    return stats, user_counts, item_counts
+
+
+# ---------------------------------------------------------------------------------------------
+# the job
+
+
+def check_inputs(logs: str, out: str, config: DatasetConfig, *, overwrite: bool = False) -> LogsInfo:
+    """Every check that needs no Ray: output writable, logs valid, config fits the logs."""
+    io.check_writable(out, overwrite=overwrite)
+    info = validate_logs(logs)
+    if config.require_click_impression and not info.has(TABLE_IMPRESSIONS):
+        raise ValueError(
+            "dataset.require_click_impression is true but the logs have no impressions table"
+        )
+    return info
+
+
+def build_dataset(
+    logs: str, out: str, config: DatasetConfig, *, overwrite: bool = False
+) -> BuildResult:
+    """Turn Contract 1 logs into a Contract 2 dataset at ``out`` (see the module docstring)."""
+    started = time.perf_counter()
+    info = check_inputs(logs, out, config, overwrite=overwrite)
+    items = _read_entity_table(info, TABLE_ITEMS, info.item_id_type)
+    users_table = _read_entity_table(info, TABLE_USERS, info.user_id_type) if info.has(TABLE_USERS) else None
+    if items.table.height == 0:
+        raise ValueError(f"table {TABLE_ITEMS!r}: the catalog has no item with a non-null item_id")
+
+    ts_range = info.ts_range_us()
+    if ts_range is None and (config.end is None or (config.start is None and config.window_days is None)):
+        ts_range = _ts_range_with_ray(info)
+    window = resolve_window(config, ts_range)
+    logger.info("window %s..%s, split at %s", window.start, window.end, _iso_us(window.split_us))
+
+    with io.staged_output(out, overwrite=overwrite) as staging:
+        item_ids = items.table["item_id"]
+        logger.info("pass 1/2: users with a positive and train clicks per item")
+        click_users, click_counts = _summarize_clicks_pass(info, window, item_ids)
+        user_ids = click_users
+        if users_table is not None:
+            user_ids = pl.concat([users_table.table["user_id"], click_users])
+        user_ids = user_ids.unique().sort()
+        train_clicks_I = (
+            pl.DataFrame({"item_id": item_ids})
+            .join(click_counts, on="item_id", how="left", maintain_order="left")["train_clicks"]
+            .fill_null(0)
+            .to_numpy()
+        )
+        lookups = make_lookups(
+            item_ids, user_ids, train_clicks_I, alpha=config.negatives.unexposed_alpha
+        )
+        settings = PartitionSettings(
+            split_us=window.split_us,
+            negatives=config.negatives,
+            seed=config.seed,
+            require_click_impression=config.require_click_impression,
+        )
+        output = _OutputSpec(
+            staging=staging,
+            train=train_schema(info.user_id_type, info.item_id_type, info.ts_type),
+            eval=eval_schema(info.user_id_type, info.item_id_type, info.ts_type),
+            quarantine=quarantine_schema(info.user_id_type, info.item_id_type),
+        )
+        logger.info(
+            "pass 2/2: %d users, %d items; shuffle by user into %d partitions",
+            user_ids.len(),
+            item_ids.len(),
+            config.num_partitions,
+        )
+        stats, user_counts_U, item_counts_I = _examples_pass(
+            info, window, lookups, settings, output, num_partitions=config.num_partitions
+        )
+
+        catalog_quarantine = pl.concat(
+            [items.quarantine] + ([users_table.quarantine] if users_table is not None else []),
+            how="diagonal_relaxed",
+        )
+        _write_driver_outputs(
+            staging, output, lookups, users_table, items, user_counts_U, item_counts_I, catalog_quarantine, info
+        )
+        manifest = _manifest(
+            info, config, window, stats, catalog_quarantine, lookups, users_table, items
+        )
+        manifest["build_seconds"] = round(time.perf_counter() - started, 3)
+        io.write_json(io.join(staging, MANIFEST_FILE), manifest)
+        _check_quarantine_fraction(manifest, config.max_quarantine_fraction)
+    logger.info(
+        "dataset %s: %d train rows, %d eval rows, %d quarantined",
+        out,
+        manifest["counts"]["train_positives"],
+        manifest["counts"]["eval_positives"],
+        manifest["counts"]["quarantined"],
+    )
+    return BuildResult(out=str(out), manifest=manifest)
+
+
+def _write_driver_outputs(
+    staging: str,
+    output: _OutputSpec,
+    lookups: PartitionLookups,
+    users_table: EntityTable | None,
+    items: EntityTable,
+    user_counts_U: np.ndarray,
+    item_counts_I: np.ndarray,
+    catalog_quarantine: pl.DataFrame,
+    info: LogsInfo,
+) -> None:
+    """Vocab, features, the catalog's quarantine, and a schema-only part for empty outputs."""
+    user_vocab = lookups.users.with_columns(pl.Series("count", user_counts_U))
+    item_vocab = lookups.items.with_columns(pl.Series("count", item_counts_I))
+    io.write_table(
+        io.join(staging, DATASET_VOCAB, USERS_FILE),
+        user_vocab.to_arrow().cast(vocab_schema("user", info.user_id_type)),
+    )
+    io.write_table(
+        io.join(staging, DATASET_VOCAB, ITEMS_FILE),
+        item_vocab.to_arrow().cast(vocab_schema("item", info.item_id_type)),
+    )
+    user_features = lookups.users.select("user_idx", "user_id")
+    if users_table is not None:
+        user_features = user_features.join(
+            users_table.table, on="user_id", how="left", maintain_order="left"
+        )
+    item_features = lookups.items.select("item_idx", "item_id").join(
+        items.table, on="item_id", how="left", maintain_order="left"
+    )
+    for frame, file, id_type, key in (
+        (user_features, USERS_FILE, info.user_id_type, "user_id"),
+        (item_features, ITEMS_FILE, info.item_id_type, "item_id"),
+    ):
+        table = frame.to_arrow()
+        table = table.set_column(table.column_names.index(key), key, table.column(key).cast(id_type))
+        io.write_table(io.join(staging, DATASET_FEATURES, file), _narrow_strings(table))
+    if catalog_quarantine.height:
+        io.write_table(
+            io.join(staging, DATASET_QUARANTINE, "part-catalog.parquet"),
+            catalog_quarantine.select(output.quarantine.names).to_arrow().cast(output.quarantine),
+        )
+    for folder, schema in (
+        (DATASET_TRAIN, output.train),
+        (DATASET_EVAL, output.eval),
+        (DATASET_QUARANTINE, output.quarantine),
+    ):
+        if not io.list_files(io.join(staging, folder)):
+            io.write_table(io.join(staging, folder, "part-empty.parquet"), schema.empty_table())
+
+
+def _narrow_strings(table: pa.Table) -> pa.Table:
+    """large_string -> string (also inside lists), the types Contract 1 tables usually carry."""
+
+    def narrow(t: pa.DataType) -> pa.DataType:
+        if pa.types.is_large_string(t) or pa.types.is_string_view(t):
+            return pa.string()
+        if pa.types.is_large_list(t) or pa.types.is_list(t):
+            return pa.list_(narrow(t.value_type))
+        return t
+
+    return table.cast(pa.schema([pa.field(f.name, narrow(f.type)) for f in table.schema]))
+
+
+def _manifest(
+    info: LogsInfo,
+    config: DatasetConfig,
+    window: Window,
+    stats: dict[str, Any],
+    catalog_quarantine: pl.DataFrame,
+    lookups: PartitionLookups,
+    users_table: EntityTable | None,
+    items: EntityTable,
+) -> dict[str, Any]:
+    quarantined_by_reason = dict(stats.get("quarantined_by_reason", {}))
+    quarantined_by_table = dict(stats.get("quarantined_by_table", {}))
+    for table, reason, n in catalog_quarantine.group_by("table", "reason").len().iter_rows():
+        quarantined_by_reason[reason] = quarantined_by_reason.get(reason, 0) + int(n)
+        quarantined_by_table[table] = quarantined_by_table.get(table, 0) + int(n)
+    window_rows = dict(stats.get("window_rows", {}))
+    for table in LOG_TABLES:
+        if info.has(table):
+            window_rows.setdefault(table, 0)
+    window_rows[TABLE_ITEMS] = info.tables[TABLE_ITEMS].num_rows
+    if info.has(TABLE_USERS):
+        window_rows[TABLE_USERS] = info.tables[TABLE_USERS].num_rows
+    counts = {
+        "train_positives": int(stats.get("train_positives", 0)),
+        "eval_positives": int(stats.get("eval_positives", 0)),
+        "negatives_by_source": {
+            source: int(stats.get("negatives_by_source", {}).get(source, 0))
+            for source in config.negatives.counts()
+        },
+        "fills": {
+            "total": int(stats.get("fills", {}).get("total", 0)),
+            **{
+                source: int(stats.get("fills", {}).get(source, 0))
+                for source in ("exposed_not_clicked", "ranked_out")
+            },
+        },
+        "quarantined": int(sum(quarantined_by_reason.values())),
+        "quarantined_by_reason": dict(sorted(quarantined_by_reason.items())),
+        "quarantined_by_table": dict(sorted(quarantined_by_table.items())),
+        "input_rows": {name: t.num_rows for name, t in info.tables.items()},
+        "window_rows": window_rows,
+        "duplicate_clicks": int(stats.get("duplicate_clicks", 0)),
+        "unexposed_exact_positives": int(stats.get("unexposed_exact_positives", 0)),
+        "users": lookups.users.height,
+        "items": lookups.items.height,
+    }
+    notes = list(info.notes)
+    if counts["fills"]["total"]:
+        notes.append(
+            f"{counts['fills']['total']} negatives were filled from unexposed "
+            "(a source had fewer candidates than configured)"
+        )
+    return {
+        "inputs": {
+            "logs": info.path,
+            "tables": sorted(info.tables),
+            "files": {name: list(t.files) for name, t in info.tables.items()},
+        },
+        "config": config_to_dict(config),
+        "window": {
+            "start": window.start.isoformat(),
+            "end": window.end.isoformat(),
+            "start_time": _iso_us(window.start_us),
+            "end_time": _iso_us(window.end_us),
+        },
+        "split_time": _iso_us(window.split_us),
+        "id_type": info.id_type,
+        "user_id_type": id_type_name(info.user_id_type),
+        "item_id_type": id_type_name(info.item_id_type),
+        "num_negatives": sum(config.negatives.counts().values()),
+        "negatives_per_source": config.negatives.counts(),
+        "unexposed_weights": f"(train clicks + 1) ** {config.negatives.unexposed_alpha}",
+        "counts": counts,
+        "notes": notes,
+        "created_at": io.utc_now(),
+        "seed": config.seed,
+        "num_partitions": config.num_partitions,
+    }
+
+
+def _check_quarantine_fraction(manifest: dict[str, Any], limit: float | None) -> None:
+    """Quarantined / rows considered (in-window log rows + catalog and users rows)."""
+    if limit is None:
+        return
+    counts = manifest["counts"]
+    considered = sum(counts["window_rows"].values())
+    fraction = counts["quarantined"] / considered if considered else 0.0
+    if fraction > limit:
+        raise QuarantineLimitError(
+            f"{counts['quarantined']} of {considered} input rows quarantined "
+            f"({fraction:.2%}) exceeds dataset.max_quarantine_fraction={limit:.2%}; "
+            f"by reason: {counts['quarantined_by_reason']}"
+        )

@@ -1,0 +1,141 @@
+"""Towers: shapes, OOV rows, options from config, and warm-start row remapping."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from twotower_core.config import ModelConfig
+from twotower_core.features import FeatureSpec
+from twotower_core.towers import Tower, TwoTowerModel, build_two_tower, remap_id_rows
+
+CONFIG = ModelConfig(
+    embedding_dim=6,
+    id_embedding_dim=4,
+    feature_embedding_dim=3,
+    hidden_dims=(8,),
+    num_oov_buckets=3,
+)
+ITEM_SPECS = [
+    FeatureSpec("genre", "categorical", vocabulary=("drama", "comedy")),
+    FeatureSpec("price", "numeric", mean=5.0, std=2.0),
+]
+
+
+def item_features(batch: int):
+    return {"genre": torch.arange(batch) % 3, "price": torch.linspace(0, 10, batch)}
+
+
+def test_two_tower_shapes_and_embeddings_only():
+    model = build_two_tower(CONFIG, num_users=5, num_items=7, item_specs=ITEM_SPECS)
+    users, items = model(torch.arange(4), {}, torch.arange(6), item_features(6))
+    assert users.shape == (4, 6) and items.shape == (6, 6)
+    assert model(item_ids=torch.arange(2), item_features=item_features(2))[0] is None
+    assert isinstance(model.user_tower, Tower) and isinstance(model.item_tower, Tower)
+
+
+def test_oov_buckets():
+    tower = Tower(5, [], CONFIG)
+    # Known ids keep their row; anything else → 5 + (i mod 3): −1 → 7, 5 → 7, 6 → 5, −2 → 6.
+    assert tower.id_rows(torch.tensor([0, 4, -1, 5, 6, -2])).tolist() == [0, 4, 7, 7, 5, 6]
+    assert tower.id_embedding.weight.shape == (5 + 3, 4)
+    out = tower(torch.tensor([-1, 100]))
+    assert torch.isfinite(out).all()
+
+
+def test_options_from_config():
+    normalized = Tower(3, ITEM_SPECS, dataclasses.replace(CONFIG, normalize=True))
+    out = normalized(torch.arange(3), item_features(3))
+    assert torch.allclose(out.norm(dim=1), torch.ones(3))
+    fancy = Tower(
+        3,
+        [],
+        dataclasses.replace(
+            CONFIG, layer_norm=True, dropout=0.2, activation="gelu", hidden_dims=(8, 4)
+        ),
+    )
+    kinds = [type(m) for m in fancy.mlp]
+    assert kinds == [
+        nn.Linear,
+        nn.LayerNorm,
+        nn.GELU,
+        nn.Dropout,
+        nn.Linear,
+        nn.LayerNorm,
+        nn.GELU,
+        nn.Dropout,
+        nn.Linear,
+    ]
+    features_only = Tower(3, ITEM_SPECS, dataclasses.replace(CONFIG, use_ids=False))
+    assert features_only.id_embedding is None
+    assert features_only(torch.tensor([-1, -1]), item_features(2)).shape == (2, 6)
+    with pytest.raises(ValueError, match="needs ID embeddings"):
+        Tower(3, [], dataclasses.replace(CONFIG, use_ids=False))
+    with pytest.raises(ValueError, match="pass them to forward"):
+        Tower(3, ITEM_SPECS, CONFIG)(torch.arange(2))
+    with pytest.raises(ValueError, match="tower output dims differ"):
+        TwoTowerModel(
+            Tower(2, [], CONFIG), Tower(2, [], dataclasses.replace(CONFIG, embedding_dim=3))
+        )
+
+
+def test_remap_id_rows_keeps_known_ids_and_initialises_new_ones():
+    torch.manual_seed(0)
+    old = build_two_tower(CONFIG, num_users=3, num_items=4, item_specs=ITEM_SPECS)
+    new_specs = [
+        # "comedy" kept (old code 2 → new code 1), "action" new (code 2), "drama" dropped.
+        FeatureSpec("genre", "categorical", vocabulary=("comedy", "action")),
+        ITEM_SPECS[1],
+    ]
+    torch.manual_seed(1)
+    new = build_two_tower(CONFIG, num_users=4, num_items=2, item_specs=new_specs)
+    fresh_user_row = new.user_tower.id_embedding.weight[1].clone()
+    fresh_action_row = new.item_tower.features.embeddings[0].weight[2].clone()
+    # New users: 0 ← old 2, 1 is new, 2 ← old 0, 3 ← old 1. New items: 0 ← old 3, 1 ← old 0.
+    report = remap_id_rows(
+        new,
+        old.state_dict(),
+        user_index_map=torch.tensor([2, -1, 0, 1]),
+        item_index_map=torch.tensor([3, 0]),
+        old_item_specs=ITEM_SPECS,
+    )
+    old_users, new_users = old.user_tower.id_embedding.weight, new.user_tower.id_embedding.weight
+    assert torch.equal(new_users[0], old_users[2])
+    assert torch.equal(new_users[1], fresh_user_row)
+    assert torch.equal(new_users[2], old_users[0]) and torch.equal(new_users[3], old_users[1])
+    assert torch.equal(new_users[4:], old_users[3:])  # the 3 OOV rows
+    new_items, old_items = new.item_tower.id_embedding.weight, old.item_tower.id_embedding.weight
+    assert torch.equal(new_items[0], old_items[3]) and torch.equal(new_items[1], old_items[0])
+    genre_new, genre_old = (
+        new.item_tower.features.embeddings[0].weight,
+        old.item_tower.features.embeddings[0].weight,
+    )
+    assert torch.equal(genre_new[0], genre_old[0]) and torch.equal(genre_new[1], genre_old[2])
+    assert torch.equal(genre_new[2], fresh_action_row)
+    # Same-shaped layers are copied whole.
+    assert torch.equal(new.user_tower.mlp[0].weight, old.user_tower.mlp[0].weight)
+    assert report.kept_rows == {"user_tower": 3, "item_tower": 2}
+    assert report.new_rows == {"user_tower": 1, "item_tower": 0}
+    assert "item_tower.mlp.0.weight" in report.copied
+
+
+def test_remap_rejects_bad_maps():
+    old = build_two_tower(CONFIG, num_users=3, num_items=2)
+    new = build_two_tower(CONFIG, num_users=2, num_items=2)
+    with pytest.raises(ValueError, match="user_tower: index map has shape"):
+        remap_id_rows(
+            new,
+            old.state_dict(),
+            user_index_map=torch.tensor([0]),
+            item_index_map=torch.tensor([0, 1]),
+        )
+    with pytest.raises(ValueError, match="user_tower: index map points past the old model's 3 ids"):
+        remap_id_rows(
+            new,
+            old.state_dict(),
+            user_index_map=torch.tensor([0, 3]),
+            item_index_map=torch.tensor([0, 1]),
+        )

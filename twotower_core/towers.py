@@ -1,0 +1,269 @@
+"""The two towers: ID embedding + feature encoder → MLP → embedding. Embeddings only.
+
+Legend: B entities in a batch, D ``embedding_dim``, F feature encoder width.
+
+A tower knows nothing about losses, negatives or distribution: ``task.py`` turns embeddings
+into a loss, DDP is applied from outside, and serving uses the embeddings as they are.
+
+ID rows: a tower for ``num_ids`` known entities has ``num_ids + num_oov_buckets`` ID rows.
+Index i in [0, num_ids) is entity i; any other index (−1 for an unseen id, or −1 − hash(raw id)
+for callers that want unseen ids spread over buckets) goes to row
+``num_ids + (i mod num_oov_buckets)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from twotower_core.config import ModelConfig
+from twotower_core.features import FeatureEncoder, FeatureSpec
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "tanh": nn.Tanh,
+    "silu": nn.SiLU,
+}
+
+
+def _activation(name: str) -> nn.Module:
+    try:
+        return ACTIVATIONS[name]()
+    except KeyError:
+        raise ValueError(
+            f"model.activation: unknown value {name!r}; valid: {', '.join(sorted(ACTIVATIONS))}"
+        ) from None
+
+
+class Tower(nn.Module):
+    """One entity kind's tower: ``forward(ids_B, features) -> [B, D]``."""
+
+    def __init__(self, num_ids: int, specs: Sequence[FeatureSpec], config: ModelConfig) -> None:
+        super().__init__()
+        if num_ids < 0:
+            raise ValueError(f"num_ids must be >= 0, got {num_ids}")
+        self.num_ids = num_ids
+        self.num_oov_buckets = config.num_oov_buckets
+        self.normalize = config.normalize
+        self.specs = list(specs)
+        self.id_embedding = None
+        if config.use_ids:
+            self.id_embedding = nn.Embedding(
+                num_ids + config.num_oov_buckets, config.id_embedding_dim
+            )
+            # Small rows: initial scores near 0, a near-uniform softmax at step 0.
+            nn.init.normal_(self.id_embedding.weight, std=0.1)
+        self.features = FeatureEncoder(specs, config) if config.use_features and specs else None
+        input_dim = (config.id_embedding_dim if config.use_ids else 0) + (
+            self.features.output_dim if self.features is not None else 0
+        )
+        if input_dim == 0:
+            raise ValueError("a tower needs ID embeddings (model.use_ids) or at least one feature")
+        layers: list[nn.Module] = []
+        for hidden_dim in config.hidden_dims:
+            layers.append(nn.Linear(input_dim, hidden_dim))
+            if config.layer_norm:
+                layers.append(nn.LayerNorm(hidden_dim))
+            layers.append(_activation(config.activation))
+            if config.dropout > 0:
+                layers.append(nn.Dropout(config.dropout))
+            input_dim = hidden_dim
+        layers.append(nn.Linear(input_dim, config.embedding_dim))
+        self.mlp = nn.Sequential(*layers)
+        self.output_dim = config.embedding_dim
+
+    def id_rows(self, ids_B: Tensor) -> Tensor:
+        """[B] row of the ID table for each dense index (out-of-range → an OOV bucket)."""
+        known = (ids_B >= 0) & (ids_B < self.num_ids)
+        return torch.where(
+            known, ids_B, self.num_ids + torch.remainder(ids_B, self.num_oov_buckets)
+        )
+
+    def forward(self, ids_B: Tensor, features: Mapping[str, Tensor] | None = None) -> Tensor:
+        """[B, D] embeddings.
+
+        Args:
+            ids_B: [B] int64 dense index of each entity (out-of-range = unseen).
+            features: {name: tensor} per ``features.py``'s contract; ignored without features.
+        """
+        parts = []
+        if self.id_embedding is not None:
+            parts.append(self.id_embedding(self.id_rows(ids_B)))
+        if self.features is not None:
+            if features is None:
+                raise ValueError("this tower has features; pass them to forward")
+            parts.append(self.features(features))
+        # [B, id_dim + F] -> [B, D]
+        embedding = self.mlp(torch.cat(parts, dim=1))
+        return F.normalize(embedding, dim=-1) if self.normalize else embedding
+
+
+class TwoTowerModel(nn.Module):
+    """A user tower and an item tower with the same output dim. Returns embeddings only."""
+
+    def __init__(self, user_tower: Tower, item_tower: Tower) -> None:
+        super().__init__()
+        if user_tower.output_dim != item_tower.output_dim:
+            raise ValueError(
+                f"tower output dims differ: {user_tower.output_dim} vs {item_tower.output_dim}"
+            )
+        self.user_tower = user_tower
+        self.item_tower = item_tower
+
+    def forward(
+        self,
+        user_ids: Tensor | None = None,
+        user_features: Mapping[str, Tensor] | None = None,
+        item_ids: Tensor | None = None,
+        item_features: Mapping[str, Tensor] | None = None,
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """([B, D] users or None, [M, D] items or None).
+
+        One call embeds both sides so DDP sees every parameter; the item rows may be positives,
+        negatives and catalog samples concatenated, split again by the caller.
+        """
+        users = self.user_tower(user_ids, user_features) if user_ids is not None else None
+        items = self.item_tower(item_ids, item_features) if item_ids is not None else None
+        return users, items
+
+
+def build_two_tower(
+    config: ModelConfig,
+    *,
+    num_users: int,
+    num_items: int,
+    user_specs: Sequence[FeatureSpec] = (),
+    item_specs: Sequence[FeatureSpec] = (),
+) -> TwoTowerModel:
+    return TwoTowerModel(Tower(num_users, user_specs, config), Tower(num_items, item_specs, config))
+
+
+# ---------------------------------------------------------------------------------------------
+# warm start
+
+
+@dataclass
+class WarmStartReport:
+    """What ``remap_id_rows`` carried over from the old model."""
+
+    kept_rows: dict[str, int] = field(default_factory=dict)  # tower -> known ids copied
+    new_rows: dict[str, int] = field(default_factory=dict)  # tower -> ids with fresh rows
+    copied: list[str] = field(default_factory=list)  # state-dict keys copied whole or remapped
+    fresh: list[str] = field(default_factory=list)  # keys left at their new initialisation
+
+
+def remap_id_rows(
+    new_model: TwoTowerModel,
+    old_state_dict: Mapping[str, Tensor],
+    *,
+    user_index_map: Tensor,
+    item_index_map: Tensor,
+    old_user_specs: Sequence[FeatureSpec] | None = None,
+    old_item_specs: Sequence[FeatureSpec] | None = None,
+) -> WarmStartReport:
+    """Load ``old_state_dict`` into ``new_model`` across a change of ids (in place).
+
+    ID tables: new row i takes old row ``index_map[i]``, or keeps its fresh initialisation where
+    that is −1 (a new id); old rows no new id maps to are dropped. OOV rows are copied when the
+    bucket count is the same. Feature embeddings: remapped by value when the old specs are
+    given (a value new to the vocabulary keeps a fresh row), else copied when shapes match.
+    Every other tensor is copied when its shape matches.
+
+    Args:
+        new_model: the freshly built model for the new ids.
+        old_state_dict: the previous model's ``state_dict()``.
+        user_index_map: [num_new_users] int64 old row of each new user, −1 = new.
+        item_index_map: [num_new_items] int64 old row of each new item, −1 = new.
+        old_user_specs: the previous model's user feature specs (optional).
+        old_item_specs: the previous model's item feature specs (optional).
+    """
+    state = new_model.state_dict()
+    report = WarmStartReport()
+    handled: set[str] = set()
+    towers = (
+        ("user_tower", new_model.user_tower, user_index_map, old_user_specs),
+        ("item_tower", new_model.item_tower, item_index_map, old_item_specs),
+    )
+    for prefix, tower, index_map, old_specs in towers:
+        key = f"{prefix}.id_embedding.weight"
+        if tower.id_embedding is not None:
+            handled.add(key)
+            if key in old_state_dict and old_state_dict[key].shape[1] == state[key].shape[1]:
+                kept = _remap_id_table(state[key], old_state_dict[key], index_map, tower, prefix)
+                report.kept_rows[prefix], report.new_rows[prefix] = kept, tower.num_ids - kept
+                report.copied.append(key)
+            else:
+                report.kept_rows[prefix], report.new_rows[prefix] = 0, tower.num_ids
+                report.fresh.append(key)
+        if tower.features is not None and old_specs is not None:
+            old_embedded = [s for s in old_specs if s.kind != "numeric"]
+            for i, spec in enumerate(tower.features.embedded_specs):
+                key = f"{prefix}.features.embeddings.{i}.weight"
+                handled.add(key)
+                old_index = next(
+                    (
+                        j
+                        for j, s in enumerate(old_embedded)
+                        if s.name == spec.name and s.kind == spec.kind
+                    ),
+                    None,
+                )
+                old_key = f"{prefix}.features.embeddings.{old_index}.weight"
+                if (
+                    old_index is None
+                    or old_key not in old_state_dict
+                    or old_state_dict[old_key].shape[1] != state[key].shape[1]
+                ):
+                    report.fresh.append(key)
+                    continue
+                old_codes = {
+                    value: code
+                    for code, value in enumerate(old_embedded[old_index].vocabulary, start=1)
+                }
+                # Code 0 (missing / padding) maps to code 0; a new value gets −1 (fresh row).
+                rows = [0] + [old_codes.get(value, -1) for value in spec.vocabulary]
+                _copy_rows(state[key], old_state_dict[old_key], torch.tensor(rows))
+                report.copied.append(key)
+    for key, value in state.items():
+        if key in handled:
+            continue
+        if key in old_state_dict and old_state_dict[key].shape == value.shape:
+            value.copy_(old_state_dict[key])
+            report.copied.append(key)
+        else:
+            report.fresh.append(key)
+    new_model.load_state_dict(state)
+    return report
+
+
+def _remap_id_table(
+    new_weight: Tensor, old_weight: Tensor, index_map: Tensor, tower: Tower, prefix: str
+) -> int:
+    if index_map.shape != (tower.num_ids,):
+        raise ValueError(
+            f"{prefix}: index map has shape {tuple(index_map.shape)}, expected ({tower.num_ids},)"
+        )
+    # The state dict does not record the old OOV count; warm starts keep model.num_oov_buckets.
+    old_num_ids = old_weight.shape[0] - tower.num_oov_buckets
+    if old_num_ids < 0 or bool((index_map >= old_num_ids).any()):
+        raise ValueError(
+            f"{prefix}: index map points past the old model's {max(old_num_ids, 0)} ids"
+        )
+    kept = _copy_rows(new_weight[: tower.num_ids], old_weight, index_map)
+    with torch.no_grad():
+        new_weight[tower.num_ids :] = old_weight[old_num_ids:]
+    return kept
+
+
+def _copy_rows(new_rows: Tensor, old_rows: Tensor, index_map: Tensor) -> int:
+    """new_rows[i] = old_rows[index_map[i]] where index_map[i] >= 0; returns how many."""
+    index_map = index_map.to(torch.long)
+    known = index_map >= 0
+    with torch.no_grad():
+        new_rows[known] = old_rows[index_map[known]].to(new_rows.dtype)
+    return int(known.sum())

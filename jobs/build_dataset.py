@@ -20,7 +20,9 @@ logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--logs", required=True, help="raw logs dir (Contract 1): one sub-dir per table")
+    parser.add_argument(
+        "--logs", required=True, help="raw logs dir (Contract 1): one sub-dir per table"
+    )
     parser.add_argument("--out", required=True, help="dataset dir to write (Contract 2)")
     add_config_arguments(parser)
     parser.add_argument(
@@ -44,7 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="fail when more than this fraction of input rows is quarantined "
         "(dataset.max_quarantine_fraction)",
     )
-    parser.add_argument("--seed", type=int, default=None, help="negative sampling seed (dataset.seed)")
+    parser.add_argument(
+        "--seed", type=int, default=None, help="negative sampling seed (dataset.seed)"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset dir")
     parser.add_argument(
         "--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)"
@@ -110,5 +114,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     raise SystemExit(main())

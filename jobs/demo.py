@@ -114,7 +114,7 @@ def run(
 
     ensure_ray(address)
     started = time.perf_counter()
-    built = build_dataset.run(logs=paths["logs"], out=paths["dataset"], config=config.dataset)
+    built = build_dataset.run(logs=paths["logs"], out=paths["dataset"], config=config)
     seconds["build-dataset"] = time.perf_counter() - started
 
     started = time.perf_counter()

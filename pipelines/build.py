@@ -129,7 +129,9 @@ def resolve_window(config: DatasetConfig, ts_range_us: tuple[int, int] | None) -
     """
     needs_range = config.end is None or (config.start is None and config.window_days is None)
     if needs_range and ts_range_us is None:
-        raise ValueError("the logs hold no rows with a ts: cannot default the window (set dataset.start/end)")
+        raise ValueError(
+            "the logs hold no rows with a ts: cannot default the window (set dataset.start/end)"
+        )
     if config.end is not None:
         end = _parse_day(config.end, "dataset.end")
     else:
@@ -179,7 +181,9 @@ def _read_entity_table(info: LogsInfo, name: str, id_type: pa.DataType) -> Entit
     side = "item" if name == TABLE_ITEMS else "user"
     key = f"{side}_id"
     table = pl.from_arrow(io.read_table(info.tables[name].path))
-    table = table.with_columns(pl.col(key).cast(pl.Int64 if pa.types.is_integer(id_type) else pl.String))
+    table = table.with_columns(
+        pl.col(key).cast(pl.Int64 if pa.types.is_integer(id_type) else pl.String)
+    )
     table = table.select(key, pl.exclude(key)).with_row_index("_row")
     null = table.filter(pl.col(key).is_null())
     non_null = table.filter(pl.col(key).is_not_null())
@@ -200,7 +204,9 @@ def _read_entity_table(info: LogsInfo, name: str, id_type: pa.DataType) -> Entit
     null_reason = REASON_NULL_ITEM_ID if side == "item" else REASON_NULL_USER_ID
     return EntityTable(
         table=kept,
-        quarantine=pl.concat([quarantine(null, null_reason), quarantine(duplicate, REASON_DUPLICATE_ID)]),
+        quarantine=pl.concat(
+            [quarantine(null, null_reason), quarantine(duplicate, REASON_DUPLICATE_ID)]
+        ),
     )
 
 
@@ -265,7 +271,10 @@ def _summarize_batch(
 
 def _ts_range_batch(batch: pa.Table) -> pa.Table:
     ts_us = pl.from_arrow(batch).select(pl.col("ts").dt.epoch("us"))["ts"]
-    return pa.table({"low": [ts_us.min()], "high": [ts_us.max()]}, schema=pa.schema([("low", pa.int64()), ("high", pa.int64())]))
+    return pa.table(
+        {"low": [ts_us.min()], "high": [ts_us.max()]},
+        schema=pa.schema([("low", pa.int64()), ("high", pa.int64())]),
+    )
 
 
 @dataclass(frozen=True)
@@ -393,13 +402,21 @@ def _summarize_clicks_pass(
         if "user_id" in frame.columns:
             user_parts.append(frame["user_id"].drop_nulls())
         if "item_id" in frame.columns:
-            item_parts.append(frame.filter(pl.col("item_id").is_not_null()).select("item_id", "train_clicks"))
+            item_parts.append(
+                frame.filter(pl.col("item_id").is_not_null()).select("item_id", "train_clicks")
+            )
         # Compact as we go: the driver holds O(users + items), never O(clicks).
         if len(user_parts) > 64:
             user_parts = [pl.concat(user_parts).unique()]
         if len(item_parts) > 64:
-            item_parts = [pl.concat(item_parts).group_by("item_id").agg(pl.col("train_clicks").sum())]
-    users = pl.concat(user_parts).unique() if user_parts else pl.Series("user_id", [], dtype=catalog_ids.dtype)
+            item_parts = [
+                pl.concat(item_parts).group_by("item_id").agg(pl.col("train_clicks").sum())
+            ]
+    users = (
+        pl.concat(user_parts).unique()
+        if user_parts
+        else pl.Series("user_id", [], dtype=catalog_ids.dtype)
+    )
     item_counts = (
         pl.concat(item_parts).group_by("item_id").agg(pl.col("train_clicks").sum())
         if item_parts
@@ -437,14 +454,11 @@ def _examples_pass(
             fn_kwargs={"table": table, **normalize_kwargs},
         )
         events = part if events is None else events.union(part)
-    counts = (
-        events.repartition(num_partitions, keys=["user_id"])
-        .map_batches(
-            _build_batch,
-            batch_size=None,
-            batch_format="pyarrow",
-            fn_kwargs={"lookups_ref": lookups_ref, "settings": settings, "output": output},
-        )
+    counts = events.repartition(num_partitions, keys=["user_id"]).map_batches(
+        _build_batch,
+        batch_size=None,
+        batch_format="pyarrow",
+        fn_kwargs={"lookups_ref": lookups_ref, "settings": settings, "output": output},
     )
     stats: dict[str, Any] = {}
     user_counts = np.zeros(lookups.users.height, dtype=np.int64)
@@ -461,7 +475,9 @@ def _examples_pass(
 # the job
 
 
-def check_inputs(logs: str, out: str, config: DatasetConfig, *, overwrite: bool = False) -> LogsInfo:
+def check_inputs(
+    logs: str, out: str, config: DatasetConfig, *, overwrite: bool = False
+) -> LogsInfo:
     """Every check that needs no Ray: output writable, logs valid, config fits the logs."""
     io.check_writable(out, overwrite=overwrite)
     info = validate_logs(logs)
@@ -479,12 +495,16 @@ def build_dataset(
     started = time.perf_counter()
     info = check_inputs(logs, out, config, overwrite=overwrite)
     items = _read_entity_table(info, TABLE_ITEMS, info.item_id_type)
-    users_table = _read_entity_table(info, TABLE_USERS, info.user_id_type) if info.has(TABLE_USERS) else None
+    users_table = (
+        _read_entity_table(info, TABLE_USERS, info.user_id_type) if info.has(TABLE_USERS) else None
+    )
     if items.table.height == 0:
         raise ValueError(f"table {TABLE_ITEMS!r}: the catalog has no item with a non-null item_id")
 
     ts_range = info.ts_range_us()
-    if ts_range is None and (config.end is None or (config.start is None and config.window_days is None)):
+    if ts_range is None and (
+        config.end is None or (config.start is None and config.window_days is None)
+    ):
         ts_range = _ts_range_with_ray(info)
     window = resolve_window(config, ts_range)
     logger.info("window %s..%s, split at %s", window.start, window.end, _iso_us(window.split_us))
@@ -533,7 +553,15 @@ def build_dataset(
             how="diagonal_relaxed",
         )
         _write_driver_outputs(
-            staging, output, lookups, users_table, items, user_counts_U, item_counts_I, catalog_quarantine, info
+            staging,
+            output,
+            lookups,
+            users_table,
+            items,
+            user_counts_U,
+            item_counts_I,
+            catalog_quarantine,
+            info,
         )
         manifest = _manifest(
             info, config, window, stats, catalog_quarantine, lookups, users_table, items
@@ -586,7 +614,9 @@ def _write_driver_outputs(
         (item_features, ITEMS_FILE, info.item_id_type, "item_id"),
     ):
         table = frame.to_arrow()
-        table = table.set_column(table.column_names.index(key), key, table.column(key).cast(id_type))
+        table = table.set_column(
+            table.column_names.index(key), key, table.column(key).cast(id_type)
+        )
         io.write_table(io.join(staging, DATASET_FEATURES, file), _narrow_strings(table))
     if catalog_quarantine.height:
         io.write_table(

@@ -107,7 +107,9 @@ REASON_NOT_ENOUGH_NEGATIVES = "not_enough_negatives"
 REASON_DUPLICATE_ID = "duplicate_id"
 
 
-def train_schema(user_id_type: pa.DataType, item_id_type: pa.DataType, ts_type: pa.DataType) -> pa.Schema:
+def train_schema(
+    user_id_type: pa.DataType, item_id_type: pa.DataType, ts_type: pa.DataType
+) -> pa.Schema:
     return pa.schema(
         [
             pa.field("user_id", user_id_type),
@@ -123,7 +125,9 @@ def train_schema(user_id_type: pa.DataType, item_id_type: pa.DataType, ts_type: 
     )
 
 
-def eval_schema(user_id_type: pa.DataType, item_id_type: pa.DataType, ts_type: pa.DataType) -> pa.Schema:
+def eval_schema(
+    user_id_type: pa.DataType, item_id_type: pa.DataType, ts_type: pa.DataType
+) -> pa.Schema:
     return pa.schema(
         [
             pa.field("user_id", user_id_type),
@@ -244,8 +248,10 @@ class LogsInfo:
 
 def _type_problem(kind: str, arrow_type: pa.DataType) -> str | None:
     """None when ``arrow_type`` is acceptable for a column of ``kind``, else the problem."""
-    is_string = pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type) or (
-        pa.types.is_string_view(arrow_type)
+    is_string = (
+        pa.types.is_string(arrow_type)
+        or pa.types.is_large_string(arrow_type)
+        or (pa.types.is_string_view(arrow_type))
     )
     if kind == KIND_ID:
         if is_string or pa.types.is_integer(arrow_type):
@@ -457,7 +463,9 @@ def validate_dataset_dir(path: str) -> dict[str, Any]:
     try:
         manifest = io.read_json(manifest_path)
     except (OSError, ValueError) as error:
-        raise DatasetValidationError(f"dataset {path}: {MANIFEST_FILE} is unreadable ({error})") from error
+        raise DatasetValidationError(
+            f"dataset {path}: {MANIFEST_FILE} is unreadable ({error})"
+        ) from error
     _check_columns(io.join(path, DATASET_TRAIN), TRAIN_COLUMNS, DATASET_TRAIN)
     _check_columns(io.join(path, DATASET_EVAL), EVAL_COLUMNS, DATASET_EVAL)
     sizes = {}

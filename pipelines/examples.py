@@ -202,7 +202,9 @@ def normalize_events(
         pl.col("item_id").cast(_id_dtype(item_id_type)),
         ts_us.alias("ts_us"),
         (pl.col(rank_column) if rank_column else pl.lit(None)).cast(pl.Int64).alias("rank"),
-    ).filter(pl.col("ts_us").is_null() | pl.col("ts_us").is_between(start_us, end_us, closed="left"))
+    ).filter(
+        pl.col("ts_us").is_null() | pl.col("ts_us").is_between(start_us, end_us, closed="left")
+    )
 
 
 def empty_events(user_id_type: pa.DataType, item_id_type: pa.DataType) -> pl.DataFrame:
@@ -363,7 +365,10 @@ def _accepted_mass(
     excluded = (
         excluded.with_columns(pl.Series("w", probabilities_I[excluded["item_idx"].to_numpy()]))
         .group_by("user_id")
-        .agg(pl.col("w").sum().alias("excluded_mass"), pl.len().cast(pl.Int64).alias("excluded_items"))
+        .agg(
+            pl.col("w").sum().alias("excluded_mass"),
+            pl.len().cast(pl.Int64).alias("excluded_items"),
+        )
     )
     return users.join(excluded, on="user_id", how="left").select(
         "user_id",
@@ -500,8 +505,7 @@ def build_partition(
     num_negatives = settings.num_negatives
     stats: dict[str, Any] = {
         "window_rows": {
-            TABLE_NAMES[code]: int(n)
-            for code, n in events.group_by("table").len().iter_rows()
+            TABLE_NAMES[code]: int(n) for code, n in events.group_by("table").len().iter_rows()
         },
         "duplicate_clicks": 0,
         "unexposed_exact_positives": 0,
@@ -531,7 +535,11 @@ def build_partition(
             .select("table", "user_id", "item_idx"),
         ]
     )
-    clicked = met.filter(pl.col("table") == TABLE_CODES[TABLE_CLICKS]).select("user_id", "item_idx").unique()
+    clicked = (
+        met.filter(pl.col("table") == TABLE_CODES[TABLE_CLICKS])
+        .select("user_id", "item_idx")
+        .unique()
+    )
     exclusion = met.select("user_id", "item_idx").unique()
 
     clicks = good.filter(pl.col("table") == TABLE_CODES[TABLE_CLICKS])
@@ -574,16 +582,17 @@ def build_partition(
     train_pos = train_pos.with_columns(
         pl.Series(
             "pos_key",
-            combine(train_pos["user_key"].to_numpy(), train_pos["ordinal"].to_numpy().view(np.uint64)),
+            combine(
+                train_pos["user_key"].to_numpy(), train_pos["ordinal"].to_numpy().view(np.uint64)
+            ),
         )
     )
 
     pos_frame = train_pos.select("pos_id", "pos_key", "user_id", "request_id")
     picked: dict[str, pl.DataFrame] = {}
     if counts_by_source[EXPOSED_NOT_CLICKED] > 0 and impressed.height:
-        candidates = (
-            pos_frame.join(impressed, on=["user_id", "request_id"])
-            .join(clicked, on=["user_id", "item_idx"], how="anti")
+        candidates = pos_frame.join(impressed, on=["user_id", "request_id"]).join(
+            clicked, on=["user_id", "item_idx"], how="anti"
         )
         picked[EXPOSED_NOT_CLICKED] = take_random(
             candidates, counts_by_source[EXPOSED_NOT_CLICKED], source=EXPOSED_NOT_CLICKED
@@ -592,12 +601,15 @@ def build_partition(
         in_window = retrievals.filter(pl.col("rank") >= negatives.ranked_out_min_rank)
         if negatives.ranked_out_max_rank is not None:
             in_window = in_window.filter(pl.col("rank") <= negatives.ranked_out_max_rank)
-        ranked = in_window.select(request_keys).unique().join(impressed, on=request_keys, how="anti")
-        candidates = (
-            pos_frame.join(ranked, on=["user_id", "request_id"])
-            .join(clicked, on=["user_id", "item_idx"], how="anti")
+        ranked = (
+            in_window.select(request_keys).unique().join(impressed, on=request_keys, how="anti")
         )
-        picked[RANKED_OUT] = take_random(candidates, counts_by_source[RANKED_OUT], source=RANKED_OUT)
+        candidates = pos_frame.join(ranked, on=["user_id", "request_id"]).join(
+            clicked, on=["user_id", "item_idx"], how="anti"
+        )
+        picked[RANKED_OUT] = take_random(
+            candidates, counts_by_source[RANKED_OUT], source=RANKED_OUT
+        )
 
     # Shortfall of each source is filled from unexposed: need = unexposed count + fills.
     need = train_pos.select("pos_id", "user_id", "pos_key")
@@ -609,7 +621,9 @@ def build_partition(
         )
         need = (
             need.join(got, on="pos_id", how="left", maintain_order="left")
-            .with_columns((counts_by_source[source] - pl.col("got").fill_null(0)).alias(f"fill_{source}"))
+            .with_columns(
+                (counts_by_source[source] - pl.col("got").fill_null(0)).alias(f"fill_{source}")
+            )
             .drop("got")
         )
     need = need.with_columns(
@@ -622,7 +636,9 @@ def build_partition(
 
     needing = need.filter(pl.col("need") > 0)
     if needing.height:
-        draws = sample_unexposed(needing.select("pos_id", "user_id", "pos_key", "need"), exclusion, lookups.sampler)
+        draws = sample_unexposed(
+            needing.select("pos_id", "user_id", "pos_key", "need"), exclusion, lookups.sampler
+        )
         picked[UNEXPOSED], short = draws.drawn, draws.short
         stats["unexposed_exact_positives"] = draws.num_exact
     else:
@@ -644,15 +660,26 @@ def build_partition(
             )
             for source, frame in picked.items()
         ]
-        + [pl.DataFrame(schema={"pos_id": pl.Int64, "item_idx": pl.Int64, "order": pl.Int64, "source": pl.Int8})]
+        + [
+            pl.DataFrame(
+                schema={
+                    "pos_id": pl.Int64,
+                    "item_idx": pl.Int64,
+                    "order": pl.Int64,
+                    "source": pl.Int8,
+                }
+            )
+        ]
     ).sort("pos_id", "source", "order")
     item_ids = lookups.items["item_id"]
     grouped = (
         negative_rows.with_columns(
             item_ids.gather(negative_rows["item_idx"]).alias("item_id"),
-            pl.col("source").replace_strict(
+            pl.col("source")
+            .replace_strict(
                 {code: name for name, code in SOURCE_CODES.items()}, return_dtype=pl.String
-            ).alias("source_name"),
+            )
+            .alias("source_name"),
         )
         .group_by("pos_id", maintain_order=True)
         .agg(
@@ -682,7 +709,8 @@ def build_partition(
         stats["negatives_by_source"][NEGATIVE_SOURCES[code]] = int(n)
     kept_need = need.join(kept_ids, on="pos_id", how="semi")
     fill_totals = {
-        source: int(kept_need[f"fill_{source}"].sum()) for source in (EXPOSED_NOT_CLICKED, RANKED_OUT)
+        source: int(kept_need[f"fill_{source}"].sum())
+        for source in (EXPOSED_NOT_CLICKED, RANKED_OUT)
     }
     stats["fills"] = {"total": sum(fill_totals.values()), **fill_totals}
     stats["train_positives"] = train.height
@@ -724,8 +752,12 @@ def make_lookups(
 ) -> PartitionLookups:
     """Lookups from the vocab ids (each sorted, unique: row i has index i) and click counts."""
     assert len(train_clicks_I) == len(item_ids), "one click count per catalog item"
-    items = pl.DataFrame({"item_id": item_ids, "item_idx": np.arange(len(item_ids), dtype=np.int64)})
-    users = pl.DataFrame({"user_id": user_ids, "user_idx": np.arange(len(user_ids), dtype=np.int64)})
+    items = pl.DataFrame(
+        {"item_id": item_ids, "item_idx": np.arange(len(item_ids), dtype=np.int64)}
+    )
+    users = pl.DataFrame(
+        {"user_id": user_ids, "user_idx": np.arange(len(user_ids), dtype=np.int64)}
+    )
     return PartitionLookups(
         items=items,
         users=users,

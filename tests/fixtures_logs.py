@@ -101,9 +101,13 @@ class HandLogs:
     def __post_init__(self) -> None:
         self.tables = {"clicks": log_table("clicks", self.clicks, id_type=self.id_type)}
         if self.impressions is not None:
-            self.tables["impressions"] = log_table("impressions", self.impressions, id_type=self.id_type)
+            self.tables["impressions"] = log_table(
+                "impressions", self.impressions, id_type=self.id_type
+            )
         if self.retrievals is not None:
-            self.tables["retrievals"] = log_table("retrievals", self.retrievals, id_type=self.id_type)
+            self.tables["retrievals"] = log_table(
+                "retrievals", self.retrievals, id_type=self.id_type
+            )
         self.tables["items"] = entity_table("item", self.items, id_type=self.id_type)
         if self.users is not None:
             self.tables["users"] = entity_table("user", self.users, id_type=self.id_type)
@@ -253,7 +257,9 @@ def contract_violations(
                 problems.append(f"{where}: {sources.count(source)} {source}, expected {expected}")
     missing = positives - seen - (quarantined_positives or set())
     if missing:
-        problems.append(f"{len(missing)} train positives missing, e.g. {sorted(missing, key=str)[:3]}")
+        problems.append(
+            f"{len(missing)} train positives missing, e.g. {sorted(missing, key=str)[:3]}"
+        )
     eval_seen = [(r["user_id"], r["item_id"]) for r in eval_rows.iter_rows(named=True)]
     if len(eval_seen) != len(set(eval_seen)):
         problems.append("eval rows repeat a (user, item)")

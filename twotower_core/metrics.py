@@ -232,9 +232,12 @@ def popularity_embeddings(
 ) -> tuple[Tensor, Tensor]:
     """The MostPop baseline as embeddings for ``retrieval_metrics(..., similarity="dot")``.
 
-    Returns ([U, 1] ones, [I, 1] click counts): every user's score for item i is its count.
+    Returns ([U, 1] ones, [I, 1] item scores): item scores follow the click counts, equal counts
+    broken by the lower index, so every user gets the same deterministic popularity ranking.
     """
-    counts = torch.as_tensor(
-        np.asarray(item_counts_I) if not isinstance(item_counts_I, Tensor) else item_counts_I
-    )
-    return torch.ones(num_users, 1, dtype=torch.float64), counts.to(torch.float64).reshape(-1, 1)
+    counts = np.asarray(item_counts_I.cpu() if isinstance(item_counts_I, Tensor) else item_counts_I)
+    # Position in the (count desc, index asc) order → score I − position: no two items tie.
+    order = np.lexsort((np.arange(len(counts)), -counts.astype(np.float64)))
+    scores = np.empty(len(counts), dtype=np.float64)
+    scores[order] = len(counts) - np.arange(len(counts))
+    return torch.ones(num_users, 1, dtype=torch.float64), torch.from_numpy(scores).reshape(-1, 1)

@@ -18,11 +18,11 @@ Which pools each loss uses:
 
 - ``in_batch_softmax``: in-batch columns, plus the samples and the data negatives
   (``use_data_negatives``) appended as extra columns of each row's softmax.
-- ``sampled_softmax``: data negatives + samples; the positive gets the samples' logQ
-  log(S·q_sampler(pos)) when samples are present.
-- pointwise and pairwise losses: data negatives + samples (no logQ, which is a softmax
-  correction); in-batch columns too when ``in_batch_negatives`` is on, which by default it is
-  only when a batch has no other negatives, so every loss trains out of the box.
+- every other loss: data negatives + samples, and in-batch columns too when
+  ``in_batch_negatives`` is on, which by default it is only for a batch with no other negatives
+  (so every loss trains out of the box). ``sampled_softmax`` corrects its positive like the pool
+  it belongs to: log(C·p(pos)) with in-batch columns, else log(S·q_sampler(pos)) with samples.
+  Pointwise and pairwise losses take no logQ (it corrects a softmax's partition estimate).
 """
 
 from __future__ import annotations
@@ -64,8 +64,8 @@ class RetrievalTask:
     click_log_p: Tensor | None
     # [len(NEGATIVE_SOURCES)] weight per source code.
     source_weight_table: Tensor
-    # Pointwise/pairwise losses: also use in-batch columns as negatives (None = only when a
-    # batch has no data or sampled negatives).
+    # Losses other than in_batch_softmax: also use in-batch columns as negatives (None = only
+    # when a batch has no data or sampled negatives).
     in_batch_negatives: bool | None = None
 
     def sample(self, num: int, *, generator: torch.Generator | None = None) -> Tensor:
@@ -114,15 +114,18 @@ class RetrievalTask:
         if self.config.name == "in_batch_softmax":
             return self._in_batch_softmax(user_BD, pos_item_BD, pos_item_idx_B, pools)
 
-        log_q_pos = None
-        if self.config.name == "sampled_softmax" and sampled_item_SD is not None and self._logq:
-            assert self.sampler is not None
-            log_q_pos = self.sampler.log_expected_count(pos_item_idx_B, sampled_item_SD.shape[0])
         use_in_batch = self.in_batch_negatives
         if use_in_batch is None:
             use_in_batch = not pools
+        log_q_pos = None
         if use_in_batch:
-            pools.append(self._in_batch_pool(user_BD, pos_item_BD, pos_item_idx_B))
+            in_batch, in_batch_log_q_pos = self._in_batch_pool(user_BD, pos_item_BD, pos_item_idx_B)
+            pools.append(in_batch)
+            # The positive is a member of the in-batch pool: corrected like its columns.
+            log_q_pos = in_batch_log_q_pos
+        elif sampled_item_SD is not None and self._logq:
+            assert self.sampler is not None
+            log_q_pos = self.sampler.log_expected_count(pos_item_idx_B, sampled_item_SD.shape[0])
         if not pools:
             raise ValueError(f"loss {self.config.name} got no negatives in this batch")
         neg_scores_BN, neg_weights_BN, log_q_neg_BN = _concat(pools)
@@ -191,9 +194,13 @@ class RetrievalTask:
             return None
         if self.click_log_p is None:
             raise ValueError("loss.logq_correction needs item counts: build_task(item_counts=...)")
+        if self.click_log_p.device != item_idx_C.device:
+            # Moved once: the table is [I] and this runs every step.
+            self.click_log_p = self.click_log_p.to(item_idx_C.device)
         return in_batch_log_q(self.click_log_p, item_idx_C)
 
-    def _in_batch_pool(self, user_BD, pos_item_BD, pos_item_idx_B) -> _Pool:
+    def _in_batch_pool(self, user_BD, pos_item_BD, pos_item_idx_B) -> tuple[_Pool, Tensor | None]:
+        """(in-batch columns as negatives [B, C], the [B] log q of the rows' own positives)."""
         items_CD, item_idx_C, offset = self._gathered_items(pos_item_BD, pos_item_idx_B)
         scores_BC = self.similarity.matrix(user_BD, items_CD)
         num_rows = user_BD.shape[0]
@@ -204,7 +211,9 @@ class RetrievalTask:
         if self.config.accidental_hit_masking:
             hits = negatives.in_batch_hits(item_idx_C, num_rows=num_rows, positive_offset=offset)
             weights_BC = weights_BC.masked_fill(hits, 0.0)
-        return _Pool(scores_BC, weights_BC, self._in_batch_log_q(item_idx_C))
+        log_q_C = self._in_batch_log_q(item_idx_C)
+        log_q_pos = None if log_q_C is None else log_q_C[offset : offset + num_rows]
+        return _Pool(scores_BC, weights_BC, log_q_C), log_q_pos
 
     def _in_batch_softmax(self, user_BD, pos_item_BD, pos_item_idx_B, pools: list[_Pool]) -> Tensor:
         items_CD, item_idx_C, offset = self._gathered_items(pos_item_BD, pos_item_idx_B)
@@ -268,8 +277,8 @@ def build_task(
         loss_config: which loss, similarity and negatives.
         item_counts: [I] click count of every catalog item (the dataset's vocab counts): the
             catalog sampler (α = ``sampler_alpha``) and the in-batch logQ (α = 1) come from it.
-        in_batch_negatives: pointwise/pairwise losses: add in-batch columns as negatives
-            (None = only for a batch with no other negatives).
+        in_batch_negatives: losses other than in_batch_softmax: add in-batch columns as
+            negatives (None = only for a batch with no other negatives).
     """
     name = loss_config.name
     family = loss_family(name)

@@ -169,8 +169,8 @@ def remap_id_rows(
     """Load ``old_state_dict`` into ``new_model`` across a change of ids (in place).
 
     ID tables: new row i takes old row ``index_map[i]``, or keeps its fresh initialisation where
-    that is −1 (a new id); old rows no new id maps to are dropped. OOV rows are copied when the
-    bucket count is the same. Feature embeddings: remapped by value when the old specs are
+    that is −1 (a new id); old rows no new id maps to are dropped. OOV rows are copied (a warm
+    start keeps ``model.num_oov_buckets``; the state dict does not record it). Feature embeddings: remapped by value when the old specs are
     given (a value new to the vocabulary keeps a fresh row), else copied when shapes match.
     Every other tensor is copied when its shape matches.
 

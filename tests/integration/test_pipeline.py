@@ -42,7 +42,9 @@ def test_dataset_follows_contract_2(demo_run):
     manifest = io.read_json(io.join(dataset, "manifest.json"))
     train = io.read_table(io.join(dataset, "train"))
     evaluation = io.read_table(io.join(dataset, "eval"))
-    assert {"user_id", "item_id", "ts", "request_id", "neg_item_ids", "neg_sources"} <= set(train.schema.names)
+    assert {"user_id", "item_id", "ts", "request_id", "neg_item_ids", "neg_sources"} <= set(
+        train.schema.names
+    )
     assert train.schema.field("neg_item_ids").type.value_type == train.schema.field("item_id").type
     assert {"user_id", "item_id", "ts"} <= set(evaluation.schema.names)
     expected_negatives = sum(config.dataset.negatives.counts().values())
@@ -51,7 +53,10 @@ def test_dataset_follows_contract_2(demo_run):
     assert (pa.compute.list_value_length(train["neg_item_ids"]).to_numpy() == lengths).all()
     sources = set(pa.compute.list_flatten(train["neg_sources"]).to_pylist())
     assert sources == set(NEGATIVE_SOURCES), "the generated world has all three sources"
-    split = pa.scalar(np.datetime64(manifest["split_time"].replace("+00:00", ""), "us"), train.schema.field("ts").type)
+    split = pa.scalar(
+        np.datetime64(manifest["split_time"].replace("+00:00", ""), "us"),
+        train.schema.field("ts").type,
+    )
     assert pa.compute.all(pa.compute.less(train["ts"], split)).as_py()
     assert pa.compute.all(pa.compute.greater_equal(evaluation["ts"], split)).as_py()
     assert manifest["counts"]["train_positives"] == train.num_rows

@@ -119,7 +119,9 @@ def test_id_type_must_agree_across_tables(tmp_path):
     logs = small_logs()
     items = logs.tables["items"]
     logs.tables["items"] = items.set_column(0, "item_id", items["item_id"].cast(pa.string()))
-    with pytest.raises(LogsValidationError, match="table 'items', column 'item_id'.*one type across tables"):
+    with pytest.raises(
+        LogsValidationError, match="table 'items', column 'item_id'.*one type across tables"
+    ):
         validate_logs(logs.write(tmp_path / "logs"))
 
 
@@ -176,7 +178,9 @@ def test_job_fails_on_bad_logs_before_ray(tmp_path):
     logs.tables["clicks"] = logs.tables["clicks"].drop_columns(["ts"])
     path = logs.write(tmp_path / "logs")
     with pytest.raises(LogsValidationError, match="table 'clicks'.*column 'ts'"):
-        job.run(logs=path, out=str(tmp_path / "out"), config=debug_config(), address="ray://nowhere:1")
+        job.run(
+            logs=path, out=str(tmp_path / "out"), config=debug_config(), address="ray://nowhere:1"
+        )
     assert not (tmp_path / "out").exists()
 
 
@@ -214,7 +218,9 @@ def test_window_days_and_explicit_dates():
     assert (str(window.start), str(window.end)) == ("2026-11-05", "2026-11-07")
     assert window.split_us == ts_us("2026-11-06 00:00")
     window = resolve_window(DatasetConfig(start="2026-11-02", end="2026-11-04"), None)
-    assert window.start_us == ts_us("2026-11-02 00:00") and window.split_us == ts_us("2026-11-04 00:00")
+    assert window.start_us == ts_us("2026-11-02 00:00") and window.split_us == ts_us(
+        "2026-11-04 00:00"
+    )
 
 
 @pytest.mark.parametrize(
@@ -252,7 +258,9 @@ def _fake_dataset(root: Path) -> Path:
         (root / "vocab").mkdir(parents=True, exist_ok=True)
         (root / "features").mkdir(parents=True, exist_ok=True)
         pq.write_table(vocab, root / "vocab" / f"{side}s.parquet")
-        pq.write_table(vocab.select([f"{side}_idx", f"{side}_id"]), root / "features" / f"{side}s.parquet")
+        pq.write_table(
+            vocab.select([f"{side}_idx", f"{side}_id"]), root / "features" / f"{side}s.parquet"
+        )
     (root / "manifest.json").write_text(json.dumps({"num_negatives": 7}))
     (root / "_SUCCESS").write_text("")
     return root
@@ -267,7 +275,10 @@ def test_validate_dataset_dir_accepts_complete_dir(tmp_path):
     [
         (lambda root: (root / "_SUCCESS").unlink(), "no _SUCCESS marker"),
         (lambda root: (root / "manifest.json").unlink(), "manifest.json is missing"),
-        (lambda root: (root / "vocab" / "items.parquet").unlink(), "vocab/items.parquet is missing"),
+        (
+            lambda root: (root / "vocab" / "items.parquet").unlink(),
+            "vocab/items.parquet is missing",
+        ),
         (
             lambda root: pq.write_table(
                 pa.table({"user_id": [1]}), root / "train" / "part-000.parquet"

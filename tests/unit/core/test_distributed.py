@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 
 import pytest
@@ -53,7 +54,7 @@ def _worker(rank: int, port: int, queue) -> None:
             local_user = user[rows].clone().requires_grad_()
             local_item = item[rows].clone().requires_grad_()
             task = build_task(
-                dataclass_replace(CONFIG, gather_across_workers=True), item_counts=COUNTS
+                dataclasses.replace(CONFIG, gather_across_workers=True), item_counts=COUNTS
             )
             loss = task(local_user, local_item, pos_item_idx_B=ids[rows])
             # DDP sums (then averages) gradients over workers; weighting each worker's row mean
@@ -78,12 +79,6 @@ def _worker(rank: int, port: int, queue) -> None:
         dist.destroy_process_group()
 
 
-def dataclass_replace(config, **changes):
-    import dataclasses
-
-    return dataclasses.replace(config, **changes)
-
-
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -102,6 +97,10 @@ def worker_results():
         process.start()
     for process in processes:
         process.join(timeout=120)
+    for process in processes:
+        if process.is_alive():  # a hung rendezvous: stop our own children, then fail
+            process.terminate()
+            process.join()
     assert all(p.exitcode == 0 for p in processes), [p.exitcode for p in processes]
     results = dict(queue.get() for _ in range(WORLD_SIZE))
     return results

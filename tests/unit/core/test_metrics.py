@@ -220,6 +220,12 @@ def test_popularity_baseline_through_the_same_function():
     assert m["coverage@2"] == pytest.approx(3 / 5)
 
 
+def test_popularity_ties_break_by_index():
+    _, items = popularity_embeddings(torch.tensor([3, 7, 3, 0, 7]), num_users=1)
+    # Order: item 1 (7), item 4 (7), item 0 (3), item 2 (3), item 3 (0).
+    assert items.view(-1).argsort(descending=True).tolist() == [1, 4, 0, 2, 3]
+
+
 def test_bad_csr_names_the_argument():
     user, items = one_dim_items([1.0, 2.0])
     with pytest.raises(ValueError, match="eval_indptr has 3 entries, expected 2"):

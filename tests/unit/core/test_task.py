@@ -239,3 +239,16 @@ def test_sample_and_errors():
     with pytest.raises(ValueError, match="unknown loss"):
         build_task(LossConfig(name="nope"))
     assert len(NEGATIVE_SOURCES) == 3
+
+
+def test_sampled_softmax_without_other_negatives_uses_in_batch_columns_with_their_logq():
+    # Only in-batch columns: sampled_softmax over the off-diagonal negatives, the positive
+    # corrected like its column, is exactly in_batch_softmax.
+    config = LossConfig(name="sampled_softmax", temperature=0.4, use_data_negatives=False)
+    inputs = without(batch(8), "sampled_item_SD", "sampled_item_idx_S")
+    _, matrix, _, _ = dot_parts(inputs)
+    ids = inputs["pos_item_idx_B"]
+    log_q = log_q_from_counts(COUNTS, 1.0)[ids] + math.log(B)
+    expected = in_batch_softmax(matrix, temperature=0.4, log_q=log_q, item_ids=ids)
+    # The task keeps log p in float32.
+    assert run(config, inputs).item() == pytest.approx(expected.item(), rel=1e-6)

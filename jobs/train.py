@@ -138,9 +138,8 @@ def run(
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
     with result.checkpoint.as_directory() as directory:
-        state = torch.load(
-            os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=False
-        )
+        saved = torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=False)
+        state = saved["state"]
         payload = torch.load(
             os.path.join(directory, "best_model.pt"), map_location="cpu", weights_only=False
         )

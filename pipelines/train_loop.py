@@ -167,25 +167,24 @@ def evaluate_model(
     )
 
 
+def _long_tensor(values: pa.Array | pa.ChunkedArray) -> torch.Tensor:
+    # torch.tensor copies: Arrow buffers are read-only.
+    return torch.tensor(values.to_numpy(zero_copy_only=False), dtype=torch.long)
+
+
 def batch_tensors(batch: pa.Table) -> dict[str, torch.Tensor]:
     """A pyarrow batch of train rows -> index tensors (``neg_*`` are ``[B, N]``)."""
     num_rows = batch.num_rows
-    neg_flat = pc.list_flatten(batch["neg_item_idxs"]).to_numpy(zero_copy_only=False)
+    neg_flat = pc.list_flatten(batch["neg_item_idxs"])
     num_negatives = len(neg_flat) // num_rows if num_rows else 0
     sources_flat = pc.index_in(
         pc.list_flatten(batch["neg_sources"]), value_set=pa.array(NEGATIVE_SOURCES)
     )
     return {
-        "user_idx": torch.as_tensor(
-            batch["user_idx"].to_numpy(zero_copy_only=False), dtype=torch.long
-        ),
-        "item_idx": torch.as_tensor(
-            batch["item_idx"].to_numpy(zero_copy_only=False), dtype=torch.long
-        ),
-        "neg_item_idx": torch.as_tensor(neg_flat, dtype=torch.long).view(num_rows, num_negatives),
-        "neg_source": torch.as_tensor(
-            sources_flat.to_numpy(zero_copy_only=False), dtype=torch.long
-        ).view(num_rows, num_negatives),
+        "user_idx": _long_tensor(batch["user_idx"]),
+        "item_idx": _long_tensor(batch["item_idx"]),
+        "neg_item_idx": _long_tensor(neg_flat).view(num_rows, num_negatives),
+        "neg_source": _long_tensor(sources_flat).view(num_rows, num_negatives),
     }
 
 
@@ -246,6 +245,8 @@ def warm_start(model: TwoTowerModel, init_from: str, dataset_dir: str) -> None:
         payload["state_dict"],
         user_index_map=maps["users"],
         item_index_map=maps["items"],
+        old_user_specs=[FeatureSpec.from_dict(d) for d in payload["user_specs"]],
+        old_item_specs=[FeatureSpec.from_dict(d) for d in payload["item_specs"]],
     )
 
 

@@ -382,8 +382,6 @@ def validate(config: Config) -> None:
     for source, weight in loss.source_weights.items():
         _check_name(source, NEGATIVE_SOURCES, f"loss.source_weights.{source}")
         _require(weight >= 0, f"loss.source_weights.{source}", "must be >= 0")
-    if loss.name == "cosine_regression":
-        _require(loss.similarity == "cosine", "loss.similarity", "cosine_regression needs cosine")
 
     t = config.train
     _require(t.epochs >= 1, "train.epochs", "must be >= 1")

@@ -79,11 +79,6 @@ def test_source_weights_must_name_a_negative_source():
         config_from_dict({"loss": {"source_weights": {"clicked": 1.0}}})
 
 
-def test_cosine_regression_needs_cosine_similarity():
-    with pytest.raises(ConfigError, match="cosine"):
-        config_from_dict({"loss": {"name": "cosine_regression", "similarity": "dot"}})
-
-
 def test_missing_config_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(str(tmp_path / "nope.yaml"))

@@ -84,7 +84,7 @@ def oracle_vectors(logs: str, dataset: str) -> tuple[np.ndarray, np.ndarray]:
     )
     users = np.hstack([oracle.user_vectors[user_rows], np.ones((len(user_rows), 1))])
     items = np.hstack([oracle.item_vectors[item_rows], oracle.item_bias[item_rows][:, None]])
-    return users, items
+    return users.astype(np.float32), items.astype(np.float32)
 
 
 def run(

@@ -13,6 +13,8 @@ DEFAULT_OBJECT_STORE_BYTES = 1 << 30
 def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
     """Start or join Ray once per process.
 
+    ``address`` (or RAY_ADDRESS): join that cluster (``auto`` = the one `ray start` ran here).
+
     A local Ray gets at least 4 logical CPUs: on a 2-core laptop Train workers and Ray Data
     tasks otherwise starve each other (Train workers take fractional CPUs as well).
     """
@@ -27,7 +29,14 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> No
         return
     cpus = num_cpus or max(4, os.cpu_count() or 1)
     logger.info("starting a local Ray with %d logical CPUs", cpus)
+    import ray.data
+
+    # One overall progress bar per Ray Data job; per-operator bars flood non-TTY logs.
+    ray.data.DataContext.get_current().enable_operator_progress_bars = False
+    # address="local" always starts a fresh Ray; without it ray.init() silently joins any
+    # cluster started with `ray start` on this machine (pass --address auto for that).
     ray.init(
+        address="local",
         num_cpus=cpus,
         object_store_memory=DEFAULT_OBJECT_STORE_BYTES,
         include_dashboard=False,

@@ -109,6 +109,9 @@ def run(
     ensure_ray(address)
     t = config.train
     state_dir = state_dir_for(out)
+    train_rows = ray.data.read_parquet(io.join(dataset, "train"), columns=TRAIN_COLUMNS)
+    if t.materialize_dataset:
+        train_rows = train_rows.materialize()
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -129,7 +132,7 @@ def run(
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
-        datasets={"train": ray.data.read_parquet(io.join(dataset, "train"), columns=TRAIN_COLUMNS)},
+        datasets={"train": train_rows},
     )
     logger.info(
         "training %s on %d workers; state in %s", config.loss.name, t.num_workers, state_dir

@@ -1,4 +1,4 @@
-"""build-dataset on Ray Data: Contract 1 logs -> Contract 2 dataset.
+"""build-dataset: Contract 1 logs -> Contract 2 dataset, on Ray Data (or in one process).
 
 The order of work, all of it visible in ``build_dataset``:
 
@@ -6,16 +6,20 @@ The order of work, all of it visible in ``build_dataset``:
    existing output, before any Ray work;
 2. read the catalog and the users table on the driver (dimension tables, not logs): vocab
    ids, features, quarantine of null and duplicate ids;
-3. pass 1 (Ray Data, clicks only): which users have a positive, train clicks per item; from
-   these the user vocab and the ``unexposed`` sampling table, put once in the object store;
-4. pass 2 (Ray Data): every log table normalised to one event schema, one hash shuffle by
-   ``user_id``, then ``examples.build_partition`` on each partition (polars), which writes its
-   train/eval/quarantine part files into the staging dir and returns only counts;
+3. pass 1 (clicks only): which users have a positive, train clicks per item; from these the
+   user vocab and the ``unexposed`` sampling table, put once in the object store;
+4. pass 2: every log table read in units of row groups and normalised to one event schema,
+   one hash shuffle by ``user_id``, then ``examples.build_partition`` on each partition
+   (polars), which writes its train/eval/quarantine part files into the staging dir and
+   returns only counts;
 5. on the driver: vocab with counts, features, manifest; ``io.staged_output`` moves the staging
    dir into place and writes ``_SUCCESS`` last.
 
-Logs never reach the driver; a task holds one block (read) or one partition (build), so
-memory is bounded by ``dataset.num_partitions``, not by the size of the logs.
+With the Ray engine logs never reach the driver: a task holds one read unit (about
+``READ_UNIT_ROWS`` rows) or one partition, so memory is bounded by the partition size
+(``dataset.num_partitions``), not by the size of the logs. The local engine runs the same
+functions in one process over all events at once (a reference and a benchmark baseline).
+Partition files are named after their users, so a rerun writes the very same files.
 """
 
 from __future__ import annotations
@@ -60,7 +64,6 @@ from pipelines.contracts import (
 )
 from pipelines.examples import (
     PartitionLookups,
-    PartitionResult,
     PartitionSettings,
     build_partition,
     event_schema,
@@ -211,70 +214,83 @@ def _read_entity_table(info: LogsInfo, name: str, id_type: pa.DataType) -> Entit
 
 
 # ---------------------------------------------------------------------------------------------
-# Ray Data UDFs (pure batch functions; shared tables come through an ObjectRef, cached per worker)
+# read units and the per-unit / per-partition work (plain functions: the engines wire them)
 
-_SHARED_CACHE: dict[str, Any] = {}
-
-
-def _shared(ref: Any) -> Any:
-    """``ray.get`` once per worker process and object (the object is immutable)."""
-    import ray
-
-    key = ref.hex()
-    if key not in _SHARED_CACHE:
-        _SHARED_CACHE.clear()
-        _SHARED_CACHE[key] = ray.get(ref)
-    return _SHARED_CACHE[key]
+# Rows per read task: consecutive row groups of one file are grouped up to about this many.
+READ_UNIT_ROWS = 1_000_000
 
 
-def _normalize_batch(
-    batch: pa.Table,
-    *,
-    table: str,
-    start_us: int,
-    end_us: int,
-    user_id_type: pa.DataType,
-    item_id_type: pa.DataType,
-) -> pa.Table:
-    events = normalize_events(
-        pl.from_arrow(batch),
-        table=table,
-        start_us=start_us,
-        end_us=end_us,
-        user_id_type=user_id_type,
-        item_id_type=item_id_type,
+def read_units(
+    info: LogsInfo, tables: tuple[str, ...], *, target_rows: int = READ_UNIT_ROWS
+) -> list[dict[str, Any]]:
+    """The read tasks of some log tables: {table, path, row_groups, rows}, from the footers.
+
+    A task reads whole row groups of one file, so its memory is bounded by ``target_rows``
+    (or one row group) whatever the size of the logs.
+    """
+    units: list[dict[str, Any]] = []
+    for table in tables:
+        if not info.has(table):
+            continue
+        current = None
+        for path, index, rows in info.tables[table].row_groups:
+            if current is None or current["path"] != path or current["rows"] >= target_rows:
+                current = {"table": table, "path": path, "row_groups": [], "rows": 0}
+                units.append(current)
+            current["row_groups"].append(index)
+            current["rows"] += rows
+    return units
+
+
+@dataclass(frozen=True)
+class _ReadSpec:
+    """What a read task needs to normalise rows: the window and the id types."""
+
+    start_us: int
+    end_us: int
+    user_id_type: pa.DataType
+    item_id_type: pa.DataType
+
+
+def _read_unit(unit: dict[str, Any], columns: list[str] | None = None) -> pl.DataFrame:
+    columns = columns or list(REQUIRED_COLUMNS[unit["table"]])
+    return pl.from_arrow(
+        io.read_parquet_row_groups(unit["path"], unit["row_groups"], columns=columns)
     )
-    return events.to_arrow().cast(event_schema(user_id_type, item_id_type))
 
 
-def _summarize_batch(
-    batch: pa.Table,
-    *,
-    catalog_ref: Any,
-    split_us: int,
-    start_us: int,
-    end_us: int,
-    user_id_type: pa.DataType,
-    item_id_type: pa.DataType,
-) -> pa.Table:
-    clicks = normalize_events(
-        pl.from_arrow(batch),
-        table=TABLE_CLICKS,
-        start_us=start_us,
-        end_us=end_us,
-        user_id_type=user_id_type,
-        item_id_type=item_id_type,
+def _read_events(units: list[dict[str, Any]], spec: _ReadSpec) -> pl.DataFrame:
+    """Read units (row groups of log files) -> normalised event rows in the window."""
+    frames = [
+        normalize_events(
+            _read_unit(unit),
+            table=unit["table"],
+            start_us=spec.start_us,
+            end_us=spec.end_us,
+            user_id_type=spec.user_id_type,
+            item_id_type=spec.item_id_type,
+        )
+        for unit in units
+    ]
+    schema = event_schema(spec.user_id_type, spec.item_id_type)
+    return pl.concat(frames) if frames else pl.from_arrow(schema.empty_table())
+
+
+def _summarize_units(
+    units: list[dict[str, Any]], spec: _ReadSpec, *, catalog_ids: pl.Series, split_us: int
+) -> pl.DataFrame:
+    """Click units -> rows ``user_id`` (a user with a valid click) or ``item_id, train_clicks``."""
+    users, items = summarize_clicks(
+        _read_events(units, spec), catalog_ids=catalog_ids, split_us=split_us
     )
-    users, items = summarize_clicks(clicks, catalog_ids=_shared(catalog_ref), split_us=split_us)
-    return pl.concat([users, items], how="diagonal").to_arrow()
+    return pl.concat([users, items], how="diagonal")
 
 
-def _ts_range_batch(batch: pa.Table) -> pa.Table:
-    ts_us = pl.from_arrow(batch).select(pl.col("ts").dt.epoch("us"))["ts"]
-    return pa.table(
-        {"low": [ts_us.min()], "high": [ts_us.max()]},
-        schema=pa.schema([("low", pa.int64()), ("high", pa.int64())]),
+def _ts_range_units(units: list[dict[str, Any]]) -> tuple[int | None, int | None]:
+    ts_us = pl.concat(
+        [_read_unit(u, ["ts"]).select(pl.col("ts").dt.epoch("us"))["ts"] for u in units]
     )
+    return ts_us.min(), ts_us.max()
 
 
 @dataclass(frozen=True)
@@ -303,25 +319,6 @@ def _partition_file_name(events: pl.DataFrame) -> str:
     return f"part-{int(stable_id_hash(pl.Series([first]))[0]):016x}.parquet"
 
 
-def _build_batch(
-    batch: pa.Table, *, lookups_ref: Any, settings: PartitionSettings, output: _OutputSpec
-) -> pa.Table:
-    """One hash partition -> its part files in staging; returns one row of counts."""
-    events = pl.from_arrow(batch)
-    if events.height == 0:
-        return _counts_row(None)
-    result = build_partition(events, _shared(lookups_ref), settings)
-    name = _partition_file_name(events)
-    for folder, frame, schema in (
-        (DATASET_TRAIN, result.train, output.train),
-        (DATASET_EVAL, result.eval, output.eval),
-        (DATASET_QUARANTINE, result.quarantine, output.quarantine),
-    ):
-        if frame.height:
-            io.write_table(io.join(output.staging, folder, name), _to_arrow(frame, schema))
-    return _counts_row(result)
-
-
 _COUNTS_SCHEMA = pa.schema(
     [
         ("stats", pa.string()),
@@ -333,9 +330,24 @@ _COUNTS_SCHEMA = pa.schema(
 )
 
 
-def _counts_row(result: PartitionResult | None) -> pa.Table:
-    if result is None:
+def _build_and_write(
+    events: pl.DataFrame,
+    lookups: PartitionLookups,
+    settings: PartitionSettings,
+    output: _OutputSpec,
+) -> pa.Table:
+    """One partition (all events of its users) -> its part files in staging; one counts row."""
+    if events.height == 0:
         return _COUNTS_SCHEMA.empty_table()
+    result = build_partition(events, lookups, settings)
+    name = _partition_file_name(events)
+    for folder, frame, schema in (
+        (DATASET_TRAIN, result.train, output.train),
+        (DATASET_EVAL, result.eval, output.eval),
+        (DATASET_QUARANTINE, result.quarantine, output.quarantine),
+    ):
+        if frame.height:
+            io.write_table(io.join(output.staging, folder, name), _to_arrow(frame, schema))
     return pa.table(
         {
             "stats": [json.dumps(result.stats)],
@@ -348,127 +360,204 @@ def _counts_row(result: PartitionResult | None) -> pa.Table:
     )
 
 
-# ---------------------------------------------------------------------------------------------
-# the passes
+class _ClickSummary:
+    """Driver-side merge of click summaries; holds O(users + items), never O(clicks)."""
 
+    def __init__(self, user_dtype: pl.DataType, item_dtype: pl.DataType) -> None:
+        self.user_parts: list[pl.Series] = [pl.Series("user_id", [], dtype=user_dtype)]
+        self.item_parts: list[pl.DataFrame] = [
+            pl.DataFrame(schema={"item_id": item_dtype, "train_clicks": pl.Int64})
+        ]
 
-def _read_log(info: LogsInfo, table: str, columns: list[str]):
-    import ray.data
-
-    return ray.data.read_parquet(
-        list(info.tables[table].files),
-        columns=columns,
-        partitioning=None,
-        file_extensions=None,
-    )
-
-
-def _ts_range_with_ray(info: LogsInfo) -> tuple[int, int] | None:
-    """The logs' ts range when the Parquet statistics do not give it (one column read)."""
-    lows, highs = [], []
-    for table in LOG_TABLES:
-        if not info.has(table):
-            continue
-        ranges = _read_log(info, table, ["ts"]).map_batches(_ts_range_batch, batch_format="pyarrow")
-        for batch in ranges.iter_batches(batch_format="pyarrow", batch_size=None):
-            lows.extend(v for v in batch["low"].to_pylist() if v is not None)
-            highs.extend(v for v in batch["high"].to_pylist() if v is not None)
-    return (min(lows), max(highs)) if lows else None
-
-
-def _summarize_clicks_pass(
-    info: LogsInfo, window: Window, catalog_ids: pl.Series
-) -> tuple[pl.Series, pl.DataFrame]:
-    """Pass 1 -> (ids of users with a valid click in the window, [item_id, train_clicks])."""
-    import ray
-
-    catalog_ref = ray.put(catalog_ids)
-    summaries = _read_log(info, TABLE_CLICKS, list(REQUIRED_COLUMNS[TABLE_CLICKS])).map_batches(
-        _summarize_batch,
-        batch_format="pyarrow",
-        fn_kwargs={
-            "catalog_ref": catalog_ref,
-            "split_us": window.split_us,
-            "start_us": window.start_us,
-            "end_us": window.end_us,
-            "user_id_type": info.user_id_type,
-            "item_id_type": info.item_id_type,
-        },
-    )
-    user_parts: list[pl.Series] = []
-    item_parts: list[pl.DataFrame] = []
-    for batch in summaries.iter_batches(batch_format="pyarrow", batch_size=None):
-        frame = pl.from_arrow(batch)
+    def add(self, frame: pl.DataFrame) -> None:
         if "user_id" in frame.columns:
-            user_parts.append(frame["user_id"].drop_nulls())
+            self.user_parts.append(frame["user_id"].drop_nulls())
         if "item_id" in frame.columns:
-            item_parts.append(
+            self.item_parts.append(
                 frame.filter(pl.col("item_id").is_not_null()).select("item_id", "train_clicks")
             )
-        # Compact as we go: the driver holds O(users + items), never O(clicks).
-        if len(user_parts) > 64:
-            user_parts = [pl.concat(user_parts).unique()]
-        if len(item_parts) > 64:
-            item_parts = [
-                pl.concat(item_parts).group_by("item_id").agg(pl.col("train_clicks").sum())
-            ]
-    users = (
-        pl.concat(user_parts).unique()
-        if user_parts
-        else pl.Series("user_id", [], dtype=catalog_ids.dtype)
-    )
-    item_counts = (
-        pl.concat(item_parts).group_by("item_id").agg(pl.col("train_clicks").sum())
-        if item_parts
-        else pl.DataFrame(schema={"item_id": catalog_ids.dtype, "train_clicks": pl.Int64})
-    )
-    return users, item_counts
+        if len(self.user_parts) + len(self.item_parts) > 128:
+            self.user_parts, self.item_parts = [self.users()], [self.item_counts()]
+
+    def users(self) -> pl.Series:
+        return pl.concat(self.user_parts).unique()
+
+    def item_counts(self) -> pl.DataFrame:
+        return pl.concat(self.item_parts).group_by("item_id").agg(pl.col("train_clicks").sum())
 
 
-def _examples_pass(
-    info: LogsInfo,
-    window: Window,
-    lookups: PartitionLookups,
-    settings: PartitionSettings,
-    output: _OutputSpec,
-    *,
-    num_partitions: int,
-) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
-    """Pass 2 -> (merged counts, train positives per user_idx, per item_idx)."""
+class _PartitionCounts:
+    """Driver-side merge of the partitions' counts rows."""
+
+    def __init__(self, num_users: int, num_items: int) -> None:
+        self.stats: dict[str, Any] = {}
+        self.user_counts_U = np.zeros(num_users, dtype=np.int64)
+        self.item_counts_I = np.zeros(num_items, dtype=np.int64)
+
+    def add(self, table: pa.Table) -> None:
+        for row in table.to_pylist():
+            merge_stats(self.stats, json.loads(row["stats"]))
+            np.add.at(self.user_counts_U, np.asarray(row["user_idx"], np.int64), row["user_count"])
+            np.add.at(self.item_counts_I, np.asarray(row["item_idx"], np.int64), row["item_count"])
+
+
+# ---------------------------------------------------------------------------------------------
+# engines: Ray Data (the job), and one process with polars (reference and benchmark baseline)
+
+_SHARED_CACHE: dict[str, Any] = {}
+
+
+def _shared(ref: Any) -> Any:
+    """``ray.get`` once per worker process and object (the object is immutable)."""
     import ray
 
-    lookups_ref = ray.put(lookups)
-    normalize_kwargs = {
-        "start_us": window.start_us,
-        "end_us": window.end_us,
-        "user_id_type": info.user_id_type,
-        "item_id_type": info.item_id_type,
-    }
-    events = None
-    for table in LOG_TABLES:
-        if not info.has(table):
-            continue
-        part = _read_log(info, table, list(REQUIRED_COLUMNS[table])).map_batches(
-            _normalize_batch,
-            batch_format="pyarrow",
-            fn_kwargs={"table": table, **normalize_kwargs},
-        )
-        events = part if events is None else events.union(part)
-    counts = events.repartition(num_partitions, keys=["user_id"]).map_batches(
-        _build_batch,
-        batch_size=None,
-        batch_format="pyarrow",
-        fn_kwargs={"lookups_ref": lookups_ref, "settings": settings, "output": output},
+    key = ref.hex()
+    if key not in _SHARED_CACHE:
+        _SHARED_CACHE.clear()
+        _SHARED_CACHE[key] = ray.get(ref)
+    return _SHARED_CACHE[key]
+
+
+def _ray_read_events(batch: pa.Table, *, spec: _ReadSpec) -> pa.Table:
+    events = _read_events(batch.to_pylist(), spec)
+    return events.to_arrow().cast(event_schema(spec.user_id_type, spec.item_id_type))
+
+
+def _ray_summarize(
+    batch: pa.Table, *, spec: _ReadSpec, catalog_ref: Any, split_us: int
+) -> pa.Table:
+    units = batch.to_pylist()
+    return _summarize_units(
+        units, spec, catalog_ids=_shared(catalog_ref), split_us=split_us
+    ).to_arrow()
+
+
+def _ray_ts_range(batch: pa.Table) -> pa.Table:
+    low, high = _ts_range_units(batch.to_pylist())
+    return pa.table(
+        {"low": [low], "high": [high]},
+        schema=pa.schema([("low", pa.int64()), ("high", pa.int64())]),
     )
-    stats: dict[str, Any] = {}
-    user_counts = np.zeros(lookups.users.height, dtype=np.int64)
-    item_counts = np.zeros(lookups.items.height, dtype=np.int64)
-    for batch in counts.iter_batches(batch_format="pyarrow", batch_size=None):
-        for row in batch.to_pylist():
-            merge_stats(stats, json.loads(row["stats"]))
-            np.add.at(user_counts, np.asarray(row["user_idx"], dtype=np.int64), row["user_count"])
-            np.add.at(item_counts, np.asarray(row["item_idx"], dtype=np.int64), row["item_count"])
-    return stats, user_counts, item_counts
+
+
+def _ray_build(
+    batch: pa.Table, *, lookups_ref: Any, settings: PartitionSettings, output: _OutputSpec
+) -> pa.Table:
+    return _build_and_write(pl.from_arrow(batch), _shared(lookups_ref), settings, output)
+
+
+class RayEngine:
+    """Ray Data: one task per read unit, one hash shuffle by user, one task per partition."""
+
+    name = "ray"
+
+    def __init__(self, num_partitions: int) -> None:
+        self.num_partitions = num_partitions
+
+    @staticmethod
+    def _units(units: list[dict[str, Any]]):
+        import ray.data
+
+        # One block, so one task, per read unit.
+        return ray.data.from_items(units, override_num_blocks=len(units))
+
+    def ts_range(self, units: list[dict[str, Any]]) -> tuple[int, int] | None:
+        ranges = self._units(units).map_batches(_ray_ts_range, batch_format="pyarrow")
+        lows, highs = [], []
+        for batch in ranges.iter_batches(batch_format="pyarrow", batch_size=None):
+            lows += [v for v in batch["low"].to_pylist() if v is not None]
+            highs += [v for v in batch["high"].to_pylist() if v is not None]
+        return (min(lows), max(highs)) if lows else None
+
+    def summarize_clicks(
+        self,
+        units: list[dict[str, Any]],
+        spec: _ReadSpec,
+        summary: _ClickSummary,
+        *,
+        catalog_ids: pl.Series,
+        split_us: int,
+    ) -> None:
+        import ray
+
+        summaries = self._units(units).map_batches(
+            _ray_summarize,
+            batch_format="pyarrow",
+            fn_kwargs={"spec": spec, "catalog_ref": ray.put(catalog_ids), "split_us": split_us},
+        )
+        for batch in summaries.iter_batches(batch_format="pyarrow", batch_size=None):
+            summary.add(pl.from_arrow(batch))
+
+    def build_examples(
+        self,
+        units: list[dict[str, Any]],
+        spec: _ReadSpec,
+        counts: _PartitionCounts,
+        *,
+        lookups: PartitionLookups,
+        settings: PartitionSettings,
+        output: _OutputSpec,
+    ) -> None:
+        import ray
+
+        events = self._units(units).map_batches(
+            _ray_read_events, batch_format="pyarrow", fn_kwargs={"spec": spec}
+        )
+        # All events of a user land in one partition; a partition is one block, one batch.
+        rows = events.repartition(self.num_partitions, keys=["user_id"]).map_batches(
+            _ray_build,
+            batch_size=None,
+            batch_format="pyarrow",
+            fn_kwargs={"lookups_ref": ray.put(lookups), "settings": settings, "output": output},
+        )
+        for batch in rows.iter_batches(batch_format="pyarrow", batch_size=None):
+            counts.add(batch)
+
+
+class LocalEngine:
+    """One process, polars: every event in memory as a single partition.
+
+    The same per-partition functions as the Ray engine, so the rows are identical; memory
+    grows with the logs. For small logs, tests, and as the benchmark's baseline.
+    """
+
+    name = "local"
+
+    def ts_range(self, units: list[dict[str, Any]]) -> tuple[int, int] | None:
+        low, high = _ts_range_units(units)
+        return None if low is None else (low, high)
+
+    def summarize_clicks(
+        self,
+        units: list[dict[str, Any]],
+        spec: _ReadSpec,
+        summary: _ClickSummary,
+        *,
+        catalog_ids: pl.Series,
+        split_us: int,
+    ) -> None:
+        summary.add(_summarize_units(units, spec, catalog_ids=catalog_ids, split_us=split_us))
+
+    def build_examples(
+        self,
+        units: list[dict[str, Any]],
+        spec: _ReadSpec,
+        counts: _PartitionCounts,
+        *,
+        lookups: PartitionLookups,
+        settings: PartitionSettings,
+        output: _OutputSpec,
+    ) -> None:
+        counts.add(_build_and_write(_read_events(units, spec), lookups, settings, output))
+
+
+ENGINES = {"ray": RayEngine, "local": LocalEngine}
+
+
+def _make_engine(name: str, config: DatasetConfig):
+    if name not in ENGINES:
+        raise ValueError(f"unknown build engine {name!r}; valid: {', '.join(sorted(ENGINES))}")
+    return RayEngine(config.num_partitions) if name == "ray" else LocalEngine()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -489,10 +578,20 @@ def check_inputs(
 
 
 def build_dataset(
-    logs: str, out: str, config: DatasetConfig, *, overwrite: bool = False
+    logs: str,
+    out: str,
+    config: DatasetConfig,
+    *,
+    overwrite: bool = False,
+    engine: str = "ray",
 ) -> BuildResult:
-    """Turn Contract 1 logs into a Contract 2 dataset at ``out`` (see the module docstring)."""
+    """Turn Contract 1 logs into a Contract 2 dataset at ``out`` (see the module docstring).
+
+    ``engine``: ``ray`` (Ray Data; joins the running Ray or starts a local one) or ``local``
+    (one process, polars; the same rows).
+    """
     started = time.perf_counter()
+    runner = _make_engine(engine, config)
     info = check_inputs(logs, out, config, overwrite=overwrite)
     items = _read_entity_table(info, TABLE_ITEMS, info.item_id_type)
     users_table = (
@@ -502,24 +601,32 @@ def build_dataset(
         raise ValueError(f"table {TABLE_ITEMS!r}: the catalog has no item with a non-null item_id")
 
     ts_range = info.ts_range_us()
-    if ts_range is None and (
-        config.end is None or (config.start is None and config.window_days is None)
-    ):
-        ts_range = _ts_range_with_ray(info)
+    needs_range = config.end is None or (config.start is None and config.window_days is None)
+    if ts_range is None and needs_range:
+        units = read_units(info, LOG_TABLES)
+        ts_range = runner.ts_range(units) if units else None
     window = resolve_window(config, ts_range)
+    spec = _ReadSpec(window.start_us, window.end_us, info.user_id_type, info.item_id_type)
     logger.info("window %s..%s, split at %s", window.start, window.end, _iso_us(window.split_us))
 
     with io.staged_output(out, overwrite=overwrite) as staging:
         item_ids = items.table["item_id"]
         logger.info("pass 1/2: users with a positive and train clicks per item")
-        click_users, click_counts = _summarize_clicks_pass(info, window, item_ids)
-        user_ids = click_users
+        summary = _ClickSummary(_polars_id(info.user_id_type), _polars_id(info.item_id_type))
+        click_units = read_units(info, (TABLE_CLICKS,))
+        if click_units:
+            runner.summarize_clicks(
+                click_units, spec, summary, catalog_ids=item_ids, split_us=window.split_us
+            )
+        user_ids = summary.users()
         if users_table is not None:
-            user_ids = pl.concat([users_table.table["user_id"], click_users])
+            user_ids = pl.concat([users_table.table["user_id"], user_ids])
         user_ids = user_ids.unique().sort()
         train_clicks_I = (
             pl.DataFrame({"item_id": item_ids})
-            .join(click_counts, on="item_id", how="left", maintain_order="left")["train_clicks"]
+            .join(summary.item_counts(), on="item_id", how="left", maintain_order="left")[
+                "train_clicks"
+            ]
             .fill_null(0)
             .to_numpy()
         )
@@ -539,14 +646,18 @@ def build_dataset(
             quarantine=quarantine_schema(info.user_id_type, info.item_id_type),
         )
         logger.info(
-            "pass 2/2: %d users, %d items; shuffle by user into %d partitions",
+            "pass 2/2: %d users, %d items; %s engine, %d partitions by user",
             user_ids.len(),
             item_ids.len(),
+            runner.name,
             config.num_partitions,
         )
-        stats, user_counts_U, item_counts_I = _examples_pass(
-            info, window, lookups, settings, output, num_partitions=config.num_partitions
-        )
+        counts = _PartitionCounts(user_ids.len(), item_ids.len())
+        event_units = read_units(info, LOG_TABLES)
+        if event_units:
+            runner.build_examples(
+                event_units, spec, counts, lookups=lookups, settings=settings, output=output
+            )
 
         catalog_quarantine = pl.concat(
             [items.quarantine] + ([users_table.quarantine] if users_table is not None else []),
@@ -558,14 +669,13 @@ def build_dataset(
             lookups,
             users_table,
             items,
-            user_counts_U,
-            item_counts_I,
+            counts.user_counts_U,
+            counts.item_counts_I,
             catalog_quarantine,
             info,
         )
-        manifest = _manifest(
-            info, config, window, stats, catalog_quarantine, lookups, users_table, items
-        )
+        manifest = _manifest(info, config, window, counts.stats, catalog_quarantine, lookups)
+        manifest["engine"] = runner.name
         manifest["build_seconds"] = round(time.perf_counter() - started, 3)
         io.write_json(io.join(staging, MANIFEST_FILE), manifest)
         _check_quarantine_fraction(manifest, config.max_quarantine_fraction)
@@ -577,6 +687,10 @@ def build_dataset(
         manifest["counts"]["quarantined"],
     )
     return BuildResult(out=str(out), manifest=manifest)
+
+
+def _polars_id(arrow_type: pa.DataType) -> pl.DataType:
+    return pl.Int64 if pa.types.is_integer(arrow_type) else pl.String
 
 
 def _write_driver_outputs(
@@ -652,8 +766,6 @@ def _manifest(
     stats: dict[str, Any],
     catalog_quarantine: pl.DataFrame,
     lookups: PartitionLookups,
-    users_table: EntityTable | None,
-    items: EntityTable,
 ) -> dict[str, Any]:
     quarantined_by_reason = dict(stats.get("quarantined_by_reason", {}))
     quarantined_by_table = dict(stats.get("quarantined_by_table", {}))

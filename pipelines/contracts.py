@@ -208,6 +208,8 @@ class TableInfo:
     files: tuple[str, ...]
     schema: pa.Schema  # the first file's
     num_rows: int
+    # (file, row group index, rows) of every row group: the units read tasks are made of.
+    row_groups: tuple[tuple[str, int, int], ...] = ()
     # Range of ``ts`` in microseconds since the epoch (UTC), from row-group statistics;
     # None when a file has no usable statistics or the table has no ts column.
     ts_min_us: int | None = None
@@ -317,6 +319,7 @@ def _validate_table(name: str, path: str) -> tuple[TableInfo, dict[str, pa.DataT
     id_types: dict[str, pa.DataType] = {}
     id_first_file: dict[str, str] = {}
     num_rows = 0
+    row_groups: list[tuple[str, int, int]] = []
     ts_low: int | None = None
     ts_high: int | None = None
     ts_known = True
@@ -356,6 +359,9 @@ def _validate_table(name: str, path: str) -> tuple[TableInfo, dict[str, pa.DataT
                 id_types.setdefault(column, family)
                 id_first_file.setdefault(column, file)
         num_rows += metadata.num_rows
+        row_groups.extend(
+            (file, r, metadata.row_group(r).num_rows) for r in range(metadata.num_row_groups)
+        )
         if "ts" in required and metadata.num_rows > 0:
             stats = _ts_stats_us(metadata, "ts")
             if stats is None:
@@ -369,6 +375,7 @@ def _validate_table(name: str, path: str) -> tuple[TableInfo, dict[str, pa.DataT
         files=tuple(files),
         schema=first_schema,
         num_rows=num_rows,
+        row_groups=tuple(row_groups),
         ts_min_us=ts_low if ts_known else None,
         ts_max_us=ts_high if ts_known else None,
     )

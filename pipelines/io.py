@@ -236,3 +236,12 @@ def read_parquet_metadata(path: str) -> pq.FileMetaData:
     fs, inner = resolve(path)
     with fs.open_input_file(inner) as stream:
         return pq.read_metadata(stream)
+
+
+def read_parquet_row_groups(
+    path: str, row_groups: list[int], *, columns: list[str] | None = None
+) -> pa.Table:
+    """Some row groups of one Parquet file (the unit of work of a read task)."""
+    fs, inner = resolve(path)
+    with fs.open_input_file(inner) as stream:
+        return pq.ParquetFile(stream).read_row_groups(row_groups, columns=columns)

@@ -136,6 +136,10 @@ class TrainConfig:
     early_stopping_patience: int | None = None
     # Evaluate on at most this many eval users each epoch (None = all).
     eval_max_users: int | None = None
+    # Materialize the train rows in the Ray object store once (it spills to disk when they do
+    # not fit), so later epochs skip Ray Data's per-epoch startup; false streams from Parquet
+    # every epoch.
+    materialize_dataset: bool = True
 
 
 @dataclass(frozen=True)

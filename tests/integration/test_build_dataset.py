@@ -142,7 +142,8 @@ _TWO_NODE_SCRIPT = textwrap.dedent(
         nodes = [n for n in ray.nodes() if n["Alive"]]
         config = config_from_dict({"dataset": json.loads(config_json)}).dataset
         result = build_dataset(logs, out, config)
-        print(json.dumps({"nodes": len(nodes), "train": result.manifest["counts"]["train_positives"]}))
+        counts = result.manifest["counts"]
+        print(json.dumps({"nodes": len(nodes), "train": counts["train_positives"]}), flush=True)
     finally:
         ray.shutdown()
         cluster.shutdown()
@@ -166,7 +167,9 @@ def test_two_node_cluster_gives_the_same_rows(small_world, built, tmp_path):
         timeout=400,
     )
     assert completed.returncode == 0, completed.stderr[-4000:]
-    report = json.loads(completed.stdout.strip().splitlines()[-1])
+    lines = [line for line in completed.stdout.splitlines() if line.startswith('{"nodes"')]
+    assert lines, completed.stdout[-4000:] + completed.stderr[-4000:]
+    report = json.loads(lines[-1])
     assert report["nodes"] == 2
     for folder in ("train", "eval"):
         assert read(out, folder).equals(read(built.out, folder)), folder

@@ -1,33 +1,46 @@
 """Write user and item embedding tables (Contract 4) from a published model, on Ray Data.
 
-Runs the user tower over the users table and the item tower over the whole catalog (cold
-items included) of the model's dataset, on an actor pool that loads the checkpoint once per
-actor. Writes users/ and items/ Parquet (id, embedding: fixed_size_list<float32>[dim]) and
-manifest.json (dim, similarity, normalised, ANN metric, counts, model, dataset), checks row
-counts against the source tables, then publishes atomically with _SUCCESS last.
+Runs the user tower over the users table and the item tower over the whole catalog (items no
+one clicked included, embedded from their features) of the model's dataset, streaming through
+an actor pool that loads the checkpoint once per actor. Writes users/ and items/ Parquet
+(id, embedding: fixed_size_list<float32>[dim]) and manifest.json (dim, similarity, normalised,
+ANN metric, counts, model, dataset, created_at). Before publishing it checks every file's
+schema and that each side has exactly one row per source row (values were checked for NaN/Inf
+in the actors); then the directory is moved into place with _SUCCESS last. A failure leaves no
+visible output, and rerunning the command is safe.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from jobs.config_io import add_config_arguments, load_config
 from pipelines import io
 from pipelines.checkpoint import CHECKPOINT_DIR, DATASET_REF_FILE, load_config_of
-from twotower_core.config import Config
+from pipelines.embed import (
+    MANIFEST_FILE,
+    SIDES,
+    EmbedBatch,
+    build_manifest,
+    check_pool_fits,
+    check_side,
+    embed_with_ray,
+    source_id_type,
+)
+from twotower_core.config import Config, config_from_dict, config_to_dict
 
 logger = logging.getLogger(__name__)
-
-MANIFEST_FILE = "manifest.json"
 
 
 @dataclass(frozen=True)
 class EmbedResult:
     out: str
     manifest: dict[str, Any]
+    seconds: dict[str, float]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,13 +58,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--concurrency", type=int, default=None, help="inference actors (embed.concurrency)"
     )
-    parser.add_argument("--use-gpu", action="store_true", help="one GPU per inference actor")
+    parser.add_argument(
+        "--use-gpu", action="store_true", help="one GPU per inference actor (embed.use_gpu)"
+    )
     parser.add_argument(
         "--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)"
     )
     parser.add_argument(
         "--overwrite", action="store_true", help="replace an existing embedding dir"
     )
+
+
+def check_inputs(model: str, dataset: str | None) -> tuple[str, dict[str, str]]:
+    """(dataset dir, {side: entity table}); fails before Ray starts."""
+    if not io.is_complete(model):
+        raise FileNotFoundError(f"--model {model}: not a published model dir (no _SUCCESS)")
+    dataset = dataset or io.read_json(io.join(model, CHECKPOINT_DIR, DATASET_REF_FILE))["dataset"]
+    sources = {side: io.join(dataset, "features", f"{side}.parquet") for side in SIDES}
+    for side, path in sources.items():
+        if not io.exists(path):
+            raise FileNotFoundError(f"{side} table {path} not found (is {dataset} a dataset dir?)")
+    return str(dataset), sources
 
 
 def run(
@@ -62,65 +89,65 @@ def run(
     dataset: str | None = None,
     address: str | None = None,
     overwrite: bool = False,
+    embed_class: type[EmbedBatch] = EmbedBatch,
 ) -> EmbedResult:
-    from twotower_core.similarity import ann_metric, normalize_for_serving
+    """Embed both sides and publish. ``config`` supplies ``embed.*`` (default: the model's).
 
-    if not io.is_complete(model):
-        raise FileNotFoundError(f"--model {model}: not a published model dir (no _SUCCESS)")
+    ``embed_class`` is the per-batch transform run on the actors (tests inject failures).
+    """
+    dataset, sources = check_inputs(model, dataset)
     io.check_writable(out, overwrite=overwrite)
     model_config = load_config_of(model)
-    embed_config = (config or model_config).embed
-    dataset = dataset or io.read_json(io.join(model, CHECKPOINT_DIR, DATASET_REF_FILE))["dataset"]
-    sources = {side: io.join(dataset, "features", f"{side}.parquet") for side in ("users", "items")}
-    for side, path in sources.items():
-        if not io.exists(path):
-            raise FileNotFoundError(f"{side} table {path} not found (is {dataset} a dataset dir?)")
+    settings = (config or model_config).embed
+    id_types = {side: source_id_type(path, side) for side, path in sources.items()}
 
-    import ray.data
+    import ray
 
     from jobs.ray_runtime import ensure_ray
-    from pipelines.embed import EmbedBatch
 
     ensure_ray(address)
+    check_pool_fits(
+        concurrency=settings.concurrency,
+        cpus_per_actor=settings.cpus_per_actor,
+        cluster_cpus=ray.cluster_resources().get("CPU", 0.0),
+    )
     counts: dict[str, int] = {}
+    seconds: dict[str, float] = {}
     with io.staged_output(out, overwrite=overwrite) as staging:
         for side, source in sources.items():
             expected = io.count_rows(source)
-            logger.info("embedding %d %s", expected, side)
-            (
-                ray.data.read_parquet(source)
-                .map_batches(
-                    EmbedBatch,
-                    fn_constructor_args=(str(model), side),
-                    batch_format="pyarrow",
-                    batch_size=embed_config.batch_size,
-                    concurrency=embed_config.concurrency,
-                    num_cpus=embed_config.cpus_per_actor,
-                    num_gpus=1 if embed_config.use_gpu else 0,
-                )
-                .write_parquet(io.join(staging, side))
+            logger.info("embedding %d %s with %d actor(s)", expected, side, settings.concurrency)
+            started = time.perf_counter()
+            embed_with_ray(
+                source,
+                io.join(staging, side),
+                model_dir=model,
+                side=side,
+                batch_size=settings.batch_size,
+                concurrency=settings.concurrency,
+                cpus_per_actor=settings.cpus_per_actor,
+                use_gpu=settings.use_gpu,
+                embed_class=embed_class,
             )
-            written = io.count_rows(io.join(staging, side)) if expected else 0
-            if written != expected:
-                raise RuntimeError(f"{side}: wrote {written} embeddings for {expected} rows")
-            counts[side] = written
-        similarity = model_config.loss.similarity
-        manifest = {
-            "dim": model_config.model.embedding_dim,
-            "similarity": similarity,
-            "normalized": bool(normalize_for_serving(similarity) or model_config.model.normalize),
-            "ann_metric": ann_metric(similarity),
-            "counts": counts,
-            "model": str(model),
-            "dataset": str(dataset),
-            "created_at": io.utc_now(),
-        }
+            seconds[side] = time.perf_counter() - started
+            counts[side] = check_side(
+                io.join(staging, side),
+                side=side,
+                id_type=id_types[side],
+                dim=model_config.model.embedding_dim,
+                expected_rows=expected,
+            )
+        manifest = build_manifest(
+            model_config, counts=counts, id_types=id_types, model=model, dataset=dataset
+        )
         io.write_json(io.join(staging, MANIFEST_FILE), manifest)
     logger.info("embeddings written to %s", out)
-    return EmbedResult(out=str(out), manifest=manifest)
+    return EmbedResult(out=str(out), manifest=manifest, seconds=seconds)
 
 
-def run_from_args(args: argparse.Namespace) -> int:
+def config_from_args(args: argparse.Namespace) -> Config | None:
+    """--config, else the model's own config, with the flags and --set overrides on top."""
+    # Flags are sugar for embed.* overrides, so they are validated like any other value.
     overrides = list(args.overrides)
     if args.batch_size is not None:
         overrides.append(f"embed.batch_size={args.batch_size}")
@@ -128,7 +155,15 @@ def run_from_args(args: argparse.Namespace) -> int:
         overrides.append(f"embed.concurrency={args.concurrency}")
     if args.use_gpu:
         overrides.append("embed.use_gpu=true")
-    config = load_config(args.config, overrides) if (args.config or overrides) else None
+    if args.config is not None:
+        return load_config(args.config, overrides)
+    if not overrides or not io.is_complete(args.model):
+        return None  # run() names a missing model dir
+    return config_from_dict(config_to_dict(load_config_of(args.model)), overrides=overrides)
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
     result = run(
         model=args.model,
         out=args.out,
@@ -137,9 +172,11 @@ def run_from_args(args: argparse.Namespace) -> int:
         address=args.address,
         overwrite=args.overwrite,
     )
-    counts = result.manifest["counts"]
+    manifest = result.manifest
     print(
-        f"embeddings: {result.out} ({counts['users']} users, {counts['items']} items, dim {result.manifest['dim']})"
+        f"embeddings: {result.out} ({manifest['counts']['users']} users, "
+        f"{manifest['counts']['items']} items, dim {manifest['dim']}, "
+        f"{manifest['similarity']} -> {manifest['ann_metric']})"
     )
     return 0
 

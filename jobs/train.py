@@ -154,6 +154,7 @@ def run(
         "best": best_row,
         "epochs": state.history,
         "global_step": state.global_step,
+        "resumed_at_steps": state.resumed_at_steps,
         "loss": config.loss.name,
         "similarity": config.loss.similarity,
         "dataset": str(dataset),

@@ -1,89 +1,273 @@
 """Batch inference for Contract 4: tower outputs for every user and every catalog item.
 
+Legend: B rows in a batch, D embedding dim, V ids in a model vocab.
+
 ``EmbedBatch`` is a callable class run on a Ray Data actor pool: each actor loads the model
 once, then maps pyarrow batches of an entity table (id + feature columns) to
-``(id, embedding: fixed_size_list<float32>[dim])``. Ids the model has never seen go to its
-OOV rows, so new catalog items still get an embedding from their features.
+``(id, embedding: fixed_size_list<float32>[D])``. Ids the model has never seen go to its OOV
+rows, so catalog items no one clicked, or added after training, still get an embedding from
+their features. Every batch is checked for NaN/Inf before it leaves the actor, so nothing
+non-finite is ever written.
+
+``embed_with_ray`` wires it into a streaming Dataset (read → actors → write, never collected on
+the driver); ``check_side`` and ``build_manifest`` are what the embed job runs on the staging
+directory before it publishes.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
-import polars as pl
 import pyarrow as pa
 import torch
 
+from pipelines import io
 from pipelines.checkpoint import load_model
 from pipelines.features import encode_features
-from twotower_core.similarity import normalize_for_serving
+from twotower_core.config import Config
+from twotower_core.similarity import ann_metric, normalize_for_serving
 
-SIDES = {"users": "user_id", "items": "item_id"}
+# side -> id column
+SIDES: dict[str, str] = {"users": "user_id", "items": "item_id"}
+EMBEDDING_COLUMN = "embedding"
+MANIFEST_FILE = "manifest.json"
+EMPTY_PART = "part-empty.parquet"
+
+
+class EmbeddingValidationError(ValueError):
+    """Embedding tables that break Contract 4; the message names the side, file and problem."""
 
 
 def embedding_type(dim: int) -> pa.DataType:
     return pa.list_(pa.float32(), dim)
 
 
-def to_embedding_array(vectors_ND: np.ndarray) -> pa.FixedSizeListArray:
-    """``[N, D]`` float32 -> ``fixed_size_list<float32>[D]``."""
-    num_rows, dim = vectors_ND.shape
-    flat = pa.array(np.ascontiguousarray(vectors_ND, dtype=np.float32).reshape(-1))
-    return (
-        pa.FixedSizeListArray.from_arrays(flat, dim)
-        if num_rows or dim
-        else pa.array([], embedding_type(dim))
+def output_schema(side: str, id_type: pa.DataType, dim: int) -> pa.Schema:
+    return pa.schema(
+        [pa.field(SIDES[side], id_type), pa.field(EMBEDDING_COLUMN, embedding_type(dim))]
     )
+
+
+def to_embedding_array(vectors_BD: np.ndarray) -> pa.FixedSizeListArray:
+    """``[B, D]`` float32 -> ``fixed_size_list<float32>[D]``."""
+    dim = vectors_BD.shape[1]
+    flat = pa.array(np.ascontiguousarray(vectors_BD, dtype=np.float32).reshape(-1), pa.float32())
+    return pa.FixedSizeListArray.from_arrays(flat, list_size=dim)
 
 
 def from_embedding_array(column: pa.ChunkedArray | pa.Array, dim: int) -> np.ndarray:
-    """``fixed_size_list<float32>[D]`` -> ``[N, D]`` float32."""
+    """``fixed_size_list<float32>[D]`` -> ``[B, D]`` float32."""
     if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
-    return (
-        column.flatten()
-        .to_numpy(zero_copy_only=False)
-        .reshape(-1, dim)
-        .astype(np.float32, copy=False)
-    )
+        column = column.combine_chunks() if column.num_chunks else pa.array([], column.type)
+    if column.null_count:
+        raise EmbeddingValidationError(f"{column.null_count} null embeddings")
+    return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32)
+
+
+def _sortable(ids: pa.Array) -> np.ndarray:
+    if pa.types.is_integer(ids.type):
+        return ids.to_numpy(zero_copy_only=False).astype(np.int64)
+    return np.asarray(ids.to_pylist(), dtype=str)
+
+
+class IdIndex:
+    """Row of each id in a model vocab, by binary search over the ids sorted once.
+
+    A hash join per batch rebuilds its table from the whole vocab every time (≈0.4 s per batch
+    against a 1M-item vocab); a search over a sorted copy costs ≈ B·log V.
+    """
+
+    def __init__(self, vocab_ids: pa.Array):
+        ids_V = _sortable(vocab_ids)
+        self.order_V = np.argsort(ids_V, kind="stable")
+        self.sorted_V = ids_V[self.order_V]
+
+    def rows(self, ids: pa.Array) -> np.ndarray:
+        """``[B]`` vocab row of each id, −1 for ids the vocab does not have."""
+        if not len(self.sorted_V):
+            return np.full(len(ids), -1, dtype=np.int64)
+        ids_B = _sortable(ids)
+        positions_B = np.minimum(np.searchsorted(self.sorted_V, ids_B), len(self.sorted_V) - 1)
+        found_B = self.sorted_V[positions_B] == ids_B
+        return np.where(found_B, self.order_V[positions_B], -1).astype(np.int64)
 
 
 class EmbedBatch:
-    """Ray Data actor: loads the model once, embeds one side (``users`` or ``items``)."""
+    """Ray Data actor: loads the model once, embeds one side (``users`` or ``items``).
 
-    def __init__(self, model_dir: str, side: str, *, torch_threads: int = 1):
+    Args:
+        model_dir: a published model dir (Contract 3).
+        side: ``users`` (user tower) or ``items`` (item tower).
+        torch_threads: intra-op threads of this actor (match its CPU reservation).
+        use_gpu: run the tower on the GPU Ray assigned to this actor.
+    """
+
+    def __init__(self, model_dir: str, side: str, *, torch_threads: int = 1, use_gpu: bool = False):
         if side not in SIDES:
-            raise ValueError(f"side must be one of {sorted(SIDES)}, got {side!r}")
-        torch.set_num_threads(torch_threads)
+            raise ValueError(f"side must be one of {', '.join(SIDES)}, got {side!r}")
+        torch.set_num_threads(max(1, torch_threads))
         loaded = load_model(model_dir)
         self.side = side
         self.id_column = SIDES[side]
-        self.tower = loaded.model.user_tower if side == "users" else loaded.model.item_tower
+        self.device = torch.device("cuda" if use_gpu else "cpu")
+        tower = loaded.model.user_tower if side == "users" else loaded.model.item_tower
+        self.tower = tower.to(self.device).eval()
         self.specs = loaded.user_specs if side == "users" else loaded.item_specs
         vocab = loaded.user_vocab if side == "users" else loaded.item_vocab
-        self.vocab = pl.from_arrow(vocab.select([self.id_column])).with_row_index("row")
+        self.ids = IdIndex(vocab[self.id_column].combine_chunks())
         self.normalize = normalize_for_serving(loaded.config.loss.similarity)
-
-    def rows_of(self, ids: pa.Array) -> np.ndarray:
-        """Model vocab row of each id, -1 for ids the model never saw: ``[B]``."""
-        frame = pl.DataFrame({self.id_column: pl.Series(values=ids)}).with_row_index("position")
-        joined = frame.join(self.vocab, on=self.id_column, how="left").sort("position")
-        return joined["row"].fill_null(-1).cast(pl.Int64).to_numpy()
+        self.dim = loaded.config.model.embedding_dim
 
     @torch.no_grad()
     def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.id_column not in batch.column_names:
+            raise ValueError(
+                f"{self.side} table has no {self.id_column!r} column "
+                f"(columns: {', '.join(batch.column_names)})"
+            )
         ids = batch[self.id_column].combine_chunks()
-        rows_B = torch.as_tensor(self.rows_of(ids))
+        if ids.null_count:
+            raise ValueError(f"{self.side} table: {ids.null_count} null {self.id_column}s")
+        rows_B = torch.as_tensor(self.ids.rows(ids), device=self.device)
         features = {
-            name: torch.as_tensor(values)
+            name: torch.as_tensor(values, device=self.device)
             for name, values in encode_features(batch, self.specs).items()
         }
         vectors_BD = self.tower(rows_B, features)
         if self.normalize:
             vectors_BD = torch.nn.functional.normalize(vectors_BD, dim=-1)
-        vectors = vectors_BD.float().numpy()
-        if not np.isfinite(vectors).all():
-            bad = ids.take(pa.array(np.flatnonzero(~np.isfinite(vectors).all(axis=1))[:5]))
-            raise ValueError(
+        vectors_BD = vectors_BD.float().cpu().numpy()
+        finite_B = np.isfinite(vectors_BD).all(axis=1)
+        if not finite_B.all():
+            bad = ids.take(pa.array(np.flatnonzero(~finite_B)[:5]))
+            raise EmbeddingValidationError(
                 f"{self.side}: non-finite embeddings for {self.id_column} {bad.to_pylist()}"
             )
-        return pa.table({self.id_column: ids, "embedding": to_embedding_array(vectors)})
+        assert vectors_BD.shape == (batch.num_rows, self.dim)
+        return pa.table({self.id_column: ids, EMBEDDING_COLUMN: to_embedding_array(vectors_BD)})
+
+
+def source_id_type(source: str, side: str) -> pa.DataType:
+    """The id column's type in an entity table, from its Parquet footer."""
+    files = io.list_files(source)
+    if not files:
+        raise FileNotFoundError(f"{side} table {source}: no Parquet files")
+    schema = io.read_parquet_metadata(files[0]).schema.to_arrow_schema()
+    if SIDES[side] not in schema.names:
+        raise ValueError(
+            f"{side} table {source} has no {SIDES[side]!r} column (columns: {', '.join(schema.names)})"
+        )
+    return schema.field(SIDES[side]).type
+
+
+def check_pool_fits(*, concurrency: int, cpus_per_actor: float, cluster_cpus: float) -> None:
+    """A fixed actor pool that takes every CPU leaves none for the read and write tasks, and
+    Ray Data then waits forever; refuse it up front. A cluster that reports no CPUs yet (an
+    autoscaling head) is let through.
+    """
+    needed = concurrency * cpus_per_actor + 1
+    if 0 < cluster_cpus < needed:
+        raise ValueError(
+            f"embed.concurrency ({concurrency}) x embed.cpus_per_actor ({cpus_per_actor}) "
+            f"+ 1 CPU for reading and writing needs {needed:g} CPUs; this Ray cluster has "
+            f"{cluster_cpus:g}. Lower embed.concurrency or embed.cpus_per_actor."
+        )
+
+
+def embed_with_ray(
+    source: str,
+    dest: str,
+    *,
+    model_dir: str,
+    side: str,
+    batch_size: int,
+    concurrency: int,
+    cpus_per_actor: float,
+    use_gpu: bool,
+    embed_class: type[EmbedBatch] = EmbedBatch,
+) -> None:
+    """Stream ``source`` (an entity table) through ``embed_class`` actors into Parquet at ``dest``.
+
+    ``embed_class`` is the per-batch transform; tests pass a subclass that fails on purpose.
+    """
+    import ray.data
+
+    dataset = ray.data.read_parquet(source)
+    # A catalog is often one file with one huge row group, i.e. one block: split it so that
+    # every actor of the pool gets work.
+    dataset = dataset.repartition(target_num_rows_per_block=batch_size)
+    (
+        dataset.map_batches(
+            embed_class,
+            fn_constructor_args=(str(model_dir), side),
+            fn_constructor_kwargs={
+                "torch_threads": max(1, int(cpus_per_actor)),
+                "use_gpu": use_gpu,
+            },
+            batch_format="pyarrow",
+            batch_size=batch_size,
+            compute=ray.data.ActorPoolStrategy(size=concurrency),
+            num_cpus=cpus_per_actor,
+            num_gpus=1 if use_gpu else 0,
+        ).write_parquet(dest)
+    )
+
+
+def check_side(path: str, *, side: str, id_type: pa.DataType, dim: int, expected_rows: int) -> int:
+    """Validate one written side from its Parquet footers; returns its row count.
+
+    Checks every file has exactly ``(id: id_type, embedding: fixed_size_list<float32>[dim])``
+    and that the rows add up to ``expected_rows`` (one per source row, none lost or doubled).
+    Values were checked for NaN/Inf in the actors before they were written. A side with no
+    rows gets one empty file, so readers always find a table with the right schema.
+    """
+    expected_schema = output_schema(side, id_type, dim)
+    files = io.list_files(path)
+    if not files:
+        if expected_rows:
+            raise EmbeddingValidationError(f"{side}: no files written for {expected_rows} rows")
+        io.write_table(io.join(path, EMPTY_PART), expected_schema.empty_table())
+        return 0
+    total = 0
+    for file in files:
+        metadata = io.read_parquet_metadata(file)
+        schema = metadata.schema.to_arrow_schema()
+        if not schema.remove_metadata().equals(expected_schema):
+            raise EmbeddingValidationError(
+                f"{side}: file {file} has schema {schema.to_string(show_schema_metadata=False)}, "
+                f"expected {expected_schema.to_string()}"
+            )
+        total += metadata.num_rows
+    if total != expected_rows:
+        raise EmbeddingValidationError(
+            f"{side}: wrote {total} embeddings for {expected_rows} rows of the source table"
+        )
+    return total
+
+
+def build_manifest(
+    config: Config,
+    *,
+    counts: dict[str, int],
+    id_types: dict[str, pa.DataType],
+    model: str,
+    dataset: str,
+) -> dict[str, Any]:
+    """Contract 4 ``manifest.json``: what a consumer needs to build the right index."""
+    similarity = config.loss.similarity
+    return {
+        "dim": config.model.embedding_dim,
+        "similarity": similarity,
+        # Unit vectors: cosine is served as inner product on them; model.normalize makes the
+        # towers emit them for any similarity.
+        "normalized": bool(normalize_for_serving(similarity) or config.model.normalize),
+        "ann_metric": ann_metric(similarity),
+        "counts": dict(counts),
+        "id_columns": dict(SIDES),
+        "id_types": {side: str(id_type) for side, id_type in id_types.items()},
+        "embedding_column": EMBEDDING_COLUMN,
+        "model": str(model),
+        "dataset": str(dataset),
+        "created_at": io.utc_now(),
+    }

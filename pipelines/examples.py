@@ -355,26 +355,12 @@ def take_random(candidates: pl.DataFrame, k: int, *, source: str) -> pl.DataFram
     )
 
 
-def _accepted_mass(
-    needing: pl.DataFrame, exclusion: pl.DataFrame, sampler: UnexposedSampler
-) -> pl.DataFrame:
-    """Per user: the probability mass that may be drawn (1 - excluded mass), excluded items."""
-    users = needing.select("user_id").unique()
-    excluded = exclusion.join(users, on="user_id", how="semi")
-    probabilities_I = sampler.probabilities()
-    excluded = (
-        excluded.with_columns(pl.Series("w", probabilities_I[excluded["item_idx"].to_numpy()]))
-        .group_by("user_id")
-        .agg(
-            pl.col("w").sum().alias("excluded_mass"),
-            pl.len().cast(pl.Int64).alias("excluded_items"),
-        )
-    )
-    return users.join(excluded, on="user_id", how="left").select(
-        "user_id",
-        (1.0 - pl.col("excluded_mass").fill_null(0.0)).clip(0.0, 1.0).alias("accept_mass"),
-        pl.col("excluded_items").fill_null(0),
-    )
+def _is_member(values: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:
+    """[len(values)] bool: which values are in ``sorted_keys`` (sorted, unique)."""
+    if len(sorted_keys) == 0:
+        return np.zeros(len(values), dtype=bool)
+    index = np.minimum(np.searchsorted(sorted_keys, values), len(sorted_keys) - 1)
+    return sorted_keys[index] == values
 
 
 class UnexposedDraws(NamedTuple):
@@ -384,116 +370,99 @@ class UnexposedDraws(NamedTuple):
 
 
 def sample_unexposed(
-    needing: pl.DataFrame, exclusion: pl.DataFrame, sampler: UnexposedSampler
+    needing: pl.DataFrame, exclusion_keys: np.ndarray, sampler: UnexposedSampler
 ) -> UnexposedDraws:
     """Weighted draws without replacement from the catalog minus each user's exclusion set.
 
-    ``needing``: pos_id, user_id, pos_key, need (> 0). ``exclusion``: user_id, item_idx.
-    Draws are rejection sampling from the full table (a
-    rejected excluded or repeated item is redrawn, which is sequential sampling from the
-    renormalised eligible set); users with little eligible mass, and positives still short
-    after a few rounds, get exact Efraimidis–Spirakis sampling over their eligible items.
+    ``needing``: pos_id, user (an int code >= 0), pos_key (uint64), need (> 0).
+    ``exclusion_keys``: sorted unique ``user * I + item_idx`` of the items each user met.
+    Draws are rejection sampling from the full table: a draw of an excluded or already drawn
+    item is redrawn, which is sequential sampling from the renormalised eligible set. Users
+    with little eligible mass, and positives still short after a few rounds, get exact
+    Efraimidis–Spirakis sampling over their eligible items.
     """
     num_items = sampler.num_items
-    schema = {"pos_id": pl.Int64, "item_idx": pl.Int64, "order": pl.Int64}
-    mass = _accepted_mass(needing, exclusion, sampler)
-    needing = needing.join(mass, on="user_id", how="left")
-    eligible = num_items - pl.col("excluded_items")
-    short = needing.filter(pl.col("need") > eligible).select("pos_id")
-    needing = needing.filter(pl.col("need") <= eligible)
-    exact = needing.filter(pl.col("accept_mass") < MIN_ACCEPTANCE)
-    remaining = needing.filter(pl.col("accept_mass") >= MIN_ACCEPTANCE)
-    drawn_parts = [pl.DataFrame(schema=schema)]
-    drawn_pairs = pl.DataFrame(schema={"pos_id": pl.Int64, "item_idx": pl.Int64})
+    pos_P = needing["pos_id"].to_numpy().astype(np.int64)
+    user_P = needing["user"].to_numpy().astype(np.int64)
+    key_P = needing["pos_key"].to_numpy().astype(np.uint64)
+    need_P = needing["need"].to_numpy().astype(np.int64)
+    excluded_user = exclusion_keys // num_items
+    num_users = int(max(user_P.max(initial=-1), excluded_user.max(initial=-1))) + 1
+    excluded_mass_U = np.bincount(
+        excluded_user,
+        weights=sampler.probabilities()[exclusion_keys % num_items],
+        minlength=num_users,
+    )
+    excluded_items_U = np.bincount(excluded_user, minlength=num_users)
+    accept_P = np.clip(1.0 - excluded_mass_U[user_P], 0.0, 1.0)
+    short_P = need_P > num_items - excluded_items_U[user_P]
+    exact_P = ~short_P & (accept_P < MIN_ACCEPTANCE)
+
+    drawn_pos, drawn_item, drawn_order = [], [], []
+    drawn_pairs = np.zeros(0, dtype=np.int64)  # sorted pos_id * I + item_idx
+    rows = np.flatnonzero(~short_P & ~exact_P)  # positives still drawing, as rows of needing
+    remaining = need_P[rows]
     for round_index in range(MAX_REJECTION_ROUNDS):
-        if remaining.height == 0:
+        if len(rows) == 0:
             break
-        need_P = remaining["need"].to_numpy()
         # Enough draws that one round usually suffices: need / acceptance, plus slack.
-        draws_P = np.ceil(need_P / remaining["accept_mass"].to_numpy() * 1.5).astype(np.int64) + 4
-        total = int(draws_P.sum())
-        starts_P = np.cumsum(draws_P) - draws_P
-        slot_D = np.arange(total, dtype=np.int64) - np.repeat(starts_P, draws_P)
-        round_keys_P = combine(
-            combine(remaining["pos_key"].to_numpy(), _SALT_SOURCE[UNEXPOSED]), round_index
+        draws_R = np.ceil(remaining / accept_P[rows] * 1.5).astype(np.int64) + 4
+        owner_D = np.repeat(np.arange(len(rows)), draws_R)  # draws grouped by positive
+        slot_D = np.arange(len(owner_D), dtype=np.int64) - np.repeat(
+            np.cumsum(draws_R) - draws_R, draws_R
         )
-        key_D = combine(np.repeat(round_keys_P, draws_P), slot_D.view(np.uint64))
-        draws = pl.DataFrame(
-            {
-                "pos_id": np.repeat(remaining["pos_id"].to_numpy(), draws_P),
-                "user_id": remaining["user_id"].gather(np.repeat(np.arange(len(need_P)), draws_P)),
-                "item_idx": sampler.draw(to_unit_interval(key_D)),
-                "order": slot_D + round_index * (1 << 40),
-            }
+        round_keys_R = combine(combine(key_P[rows], _SALT_SOURCE[UNEXPOSED]), round_index)
+        item_D = sampler.draw(to_unit_interval(combine(round_keys_R[owner_D], slot_D.view(np.uint64))))
+        pos_D = pos_P[rows][owner_D]
+        pair_D = pos_D * num_items + item_D
+        ok_D = ~_is_member(user_P[rows][owner_D] * num_items + item_D, exclusion_keys)
+        ok_D &= ~_is_member(pair_D, drawn_pairs)
+        ok_index = np.flatnonzero(ok_D)
+        _, first = np.unique(pair_D[ok_index], return_index=True)
+        kept = np.sort(ok_index[first])  # first draw of each new item, in draw order
+        owner_K = owner_D[kept]
+        starts_K = np.r_[True, owner_K[1:] != owner_K[:-1]]
+        group_start_K = np.maximum.accumulate(np.where(starts_K, np.arange(len(kept)), 0))
+        chosen = kept[np.arange(len(kept)) - group_start_K < remaining[owner_K]]
+        drawn_pos.append(pos_D[chosen])
+        drawn_item.append(item_D[chosen])
+        drawn_order.append(slot_D[chosen] + round_index * (1 << 40))
+        drawn_pairs = np.union1d(drawn_pairs, pair_D[chosen])
+        remaining = remaining - np.bincount(owner_D[chosen], minlength=len(rows))
+        rows, remaining = rows[remaining > 0], remaining[remaining > 0]
+
+    exact_rows = np.concatenate([np.flatnonzero(exact_P), rows])
+    exact_need = np.concatenate([need_P[exact_P], remaining])
+    for row, need in zip(exact_rows.tolist(), exact_need.tolist()):
+        lo, hi = np.searchsorted(exclusion_keys, [user_P[row] * num_items, (user_P[row] + 1) * num_items])
+        pair_lo, pair_hi = np.searchsorted(drawn_pairs, [pos_P[row] * num_items, (pos_P[row] + 1) * num_items])
+        blocked = np.concatenate(
+            [exclusion_keys[lo:hi] % num_items, drawn_pairs[pair_lo:pair_hi] % num_items]
         )
-        accepted = (
-            draws.join(exclusion, on=["user_id", "item_idx"], how="anti")
-            .join(drawn_pairs, on=["pos_id", "item_idx"], how="anti")
-            .sort("pos_id", "order")
-            .unique(subset=["pos_id", "item_idx"], keep="first", maintain_order=True)
-            .join(remaining.select("pos_id", "need"), on="pos_id", maintain_order="left")
-            .filter(pl.int_range(pl.len()).over("pos_id") < pl.col("need"))
-            .select("pos_id", "item_idx", "order")
-        )
-        drawn_parts.append(accepted)
-        drawn_pairs = pl.concat([drawn_pairs, accepted.select("pos_id", "item_idx")])
-        got = accepted.group_by("pos_id").agg(pl.len().cast(pl.Int64).alias("got"))
-        remaining = (
-            remaining.join(got, on="pos_id", how="left")
-            .with_columns((pl.col("need") - pl.col("got").fill_null(0)).alias("need"))
-            .drop("got")
-            .filter(pl.col("need") > 0)
-        )
-    exact = pl.concat([exact, remaining])
-    if exact.height:
-        drawn_parts.append(_sample_exact(exact, exclusion, drawn_pairs, sampler))
-    drawn = pl.concat(drawn_parts).sort("pos_id", "order")
-    return UnexposedDraws(drawn=drawn, short=short, num_exact=exact.height)
+        items = _sample_exact(key_P[row], need, blocked, sampler)
+        drawn_pos.append(np.full(len(items), pos_P[row], dtype=np.int64))
+        drawn_item.append(items)
+        drawn_order.append(MAX_REJECTION_ROUNDS * (1 << 40) + np.arange(len(items), dtype=np.int64))
+    drawn = pl.DataFrame(
+        {
+            "pos_id": np.concatenate([np.zeros(0, np.int64), *drawn_pos]),
+            "item_idx": np.concatenate([np.zeros(0, np.int64), *drawn_item]),
+            "order": np.concatenate([np.zeros(0, np.int64), *drawn_order]),
+        }
+    ).sort("pos_id", "order")
+    short = pl.DataFrame({"pos_id": pos_P[short_P]})
+    return UnexposedDraws(drawn=drawn, short=short, num_exact=len(exact_rows))
 
 
 def _sample_exact(
-    needing: pl.DataFrame,
-    exclusion: pl.DataFrame,
-    drawn_pairs: pl.DataFrame,
-    sampler: UnexposedSampler,
-) -> pl.DataFrame:
-    """Efraimidis–Spirakis: the ``need`` largest log(u)/w over each positive's eligible items."""
-    log_weights_I = np.log(sampler.weights_I)
-    base_order = MAX_REJECTION_ROUNDS * (1 << 40)
-    parts = []
-    excluded_by_user = {
-        user: group["item_idx"].to_numpy()
-        for (user,), group in exclusion.join(
-            needing.select("user_id").unique(), on="user_id", how="semi"
-        ).group_by("user_id")
-    }
-    drawn_by_pos = {
-        pos: group["item_idx"].to_numpy()
-        for (pos,), group in drawn_pairs.join(
-            needing.select("pos_id"), on="pos_id", how="semi"
-        ).group_by("pos_id")
-    }
-    empty = np.zeros(0, dtype=np.int64)
-    for row in needing.iter_rows(named=True):
-        blocked = np.concatenate(
-            [excluded_by_user.get(row["user_id"], empty), drawn_by_pos.get(row["pos_id"], empty)]
-        )
-        eligible = np.setdiff1d(np.arange(sampler.num_items, dtype=np.int64), blocked)
-        salted = combine(np.uint64(row["pos_key"]), _SALT_EXACT)
-        uniforms = to_unit_interval(combine(salted, eligible.view(np.uint64)))
-        # log(u) / w: larger is better; u = 0 cannot occur for more than one item in practice.
-        score = np.log(np.maximum(uniforms, 1e-300)) / np.exp(log_weights_I[eligible])
-        chosen = eligible[np.argsort(-score, kind="stable")[: row["need"]]]
-        parts.append(
-            pl.DataFrame(
-                {
-                    "pos_id": np.full(len(chosen), row["pos_id"], dtype=np.int64),
-                    "item_idx": chosen,
-                    "order": base_order + np.arange(len(chosen), dtype=np.int64),
-                }
-            )
-        )
-    return pl.concat(parts)
+    pos_key: np.uint64, need: int, blocked: np.ndarray, sampler: UnexposedSampler
+) -> np.ndarray:
+    """Efraimidis–Spirakis: the ``need`` eligible items with the largest log(u) / weight."""
+    eligible = np.setdiff1d(np.arange(sampler.num_items, dtype=np.int64), blocked)
+    salted = combine(np.uint64(pos_key), _SALT_EXACT)
+    uniforms = to_unit_interval(combine(salted, eligible.view(np.uint64)))
+    score = np.log(np.maximum(uniforms, 1e-300)) / sampler.weights_I[eligible]
+    return eligible[np.argsort(-score, kind="stable")[:need]]
 
 
 def build_partition(
@@ -503,6 +472,7 @@ def build_partition(
     negatives = settings.negatives
     counts_by_source = negatives.counts()
     num_negatives = settings.num_negatives
+    num_items = lookups.items.height
     stats: dict[str, Any] = {
         "window_rows": {
             TABLE_NAMES[code]: int(n) for code, n in events.group_by("table").len().iter_rows()
@@ -516,47 +486,48 @@ def build_partition(
     bad = reasons.filter(pl.col("reason").is_not_null())
     if bad.height:
         quarantine_parts.append(quarantine_events(bad, pl.col("reason")))
-    good = (
-        reasons.filter(pl.col("reason").is_null())
+    # Rows that say "this user met this item in the window": the good ones, and those only
+    # missing a request id (they still count for the exclusion rules).
+    usable = (
+        reasons.filter(pl.col("reason").is_null() | (pl.col("reason") == REASON_NULL_REQUEST_ID))
         .drop("reason")
         .join(lookups.items, on="item_id", how="left")
     )
-    not_in_catalog = good.filter(pl.col("item_idx").is_null())
+    not_in_catalog = usable.filter(
+        pl.col("item_idx").is_null() & pl.col("request_id").is_not_null()
+    )
     if not_in_catalog.height:
         quarantine_parts.append(quarantine_events(not_in_catalog, REASON_ITEM_NOT_IN_CATALOG))
-    good = good.filter(pl.col("item_idx").is_not_null())
-    # The exclusion rules use every row that says "this user met this item in the window",
-    # also rows quarantined for a missing request id or (below) a missing impression.
-    met = pl.concat(
-        [
-            good.select("table", "user_id", "item_idx"),
-            reasons.filter(pl.col("reason") == REASON_NULL_REQUEST_ID)
-            .join(lookups.items, on="item_id")
-            .select("table", "user_id", "item_idx"),
-        ]
+    # Dense per-partition codes turn (user, item) and (user, request) into single int keys.
+    usable = usable.filter(pl.col("item_idx").is_not_null()).with_columns(
+        pl.col("user_id").rank("dense").cast(pl.Int64).alias("user"),
+        pl.col("request_id").rank("dense").cast(pl.Int64).alias("request"),
     )
-    clicked = (
-        met.filter(pl.col("table") == TABLE_CODES[TABLE_CLICKS])
-        .select("user_id", "item_idx")
-        .unique()
+    num_requests = int(usable["request"].max() or 0) + 1
+    usable = usable.with_columns(
+        (pl.col("user") * num_items + pl.col("item_idx")).alias("user_item"),
+        (pl.col("user") * num_requests + pl.col("request")).alias("user_request"),
     )
-    exclusion = met.select("user_id", "item_idx").unique()
+    is_click = pl.col("table") == TABLE_CODES[TABLE_CLICKS]
+    clicked = usable.filter(is_click)["user_item"].unique()
+    exclusion_keys = usable["user_item"].unique().sort().to_numpy()
 
-    clicks = good.filter(pl.col("table") == TABLE_CODES[TABLE_CLICKS])
+    good = usable.filter(pl.col("request_id").is_not_null())
+    clicks = good.filter(is_click)
     impressions = good.filter(pl.col("table") == TABLE_CODES[TABLE_IMPRESSIONS])
     retrievals = good.filter(pl.col("table") == TABLE_CODES[TABLE_RETRIEVALS])
-    request_keys = ["user_id", "request_id", "item_idx"]
-    impressed = impressions.select(request_keys).unique()
+    request_item = ["user_request", "item_idx"]
+    impressed = impressions.select(*request_item, "user_item").unique(subset=request_item)
 
     if settings.require_click_impression:
-        unmatched = clicks.join(impressed, on=request_keys, how="anti")
+        unmatched = clicks.join(impressed, on=request_item, how="anti")
         if unmatched.height:
             quarantine_parts.append(quarantine_events(unmatched, REASON_CLICK_WITHOUT_IMPRESSION))
-        clicks = clicks.join(impressed, on=request_keys, how="semi")
+        clicks = clicks.join(impressed, on=request_item, how="semi")
 
     positives = (
-        clicks.group_by(request_keys)
-        .agg(pl.col("ts_us").min(), pl.col("item_id").first())
+        clicks.group_by(request_item)
+        .agg(pl.all().sort_by("ts_us").first())
         .sort("user_id", "ts_us", "request_id", "item_idx")
     )
     stats["duplicate_clicks"] = clicks.height - positives.height
@@ -588,12 +559,11 @@ def build_partition(
         )
     )
 
-    pos_frame = train_pos.select("pos_id", "pos_key", "user_id", "request_id")
+    pos_frame = train_pos.select("pos_id", "pos_key", "user_request")
+    not_clicked = ~pl.col("user_item").is_in(clicked.implode())
     picked: dict[str, pl.DataFrame] = {}
     if counts_by_source[EXPOSED_NOT_CLICKED] > 0 and impressed.height:
-        candidates = pos_frame.join(impressed, on=["user_id", "request_id"]).join(
-            clicked, on=["user_id", "item_idx"], how="anti"
-        )
+        candidates = pos_frame.join(impressed, on="user_request").filter(not_clicked)
         picked[EXPOSED_NOT_CLICKED] = take_random(
             candidates, counts_by_source[EXPOSED_NOT_CLICKED], source=EXPOSED_NOT_CLICKED
         )
@@ -602,17 +572,17 @@ def build_partition(
         if negatives.ranked_out_max_rank is not None:
             in_window = in_window.filter(pl.col("rank") <= negatives.ranked_out_max_rank)
         ranked = (
-            in_window.select(request_keys).unique().join(impressed, on=request_keys, how="anti")
+            in_window.select(*request_item, "user_item")
+            .unique(subset=request_item)
+            .join(impressed, on=request_item, how="anti")
         )
-        candidates = pos_frame.join(ranked, on=["user_id", "request_id"]).join(
-            clicked, on=["user_id", "item_idx"], how="anti"
-        )
+        candidates = pos_frame.join(ranked, on="user_request").filter(not_clicked)
         picked[RANKED_OUT] = take_random(
             candidates, counts_by_source[RANKED_OUT], source=RANKED_OUT
         )
 
     # Shortfall of each source is filled from unexposed: need = unexposed count + fills.
-    need = train_pos.select("pos_id", "user_id", "pos_key")
+    need = train_pos.select("pos_id", "user", "pos_key")
     for source in (EXPOSED_NOT_CLICKED, RANKED_OUT):
         got = (
             picked[source].group_by("pos_id").agg(pl.len().cast(pl.Int64).alias("got"))
@@ -637,7 +607,7 @@ def build_partition(
     needing = need.filter(pl.col("need") > 0)
     if needing.height:
         draws = sample_unexposed(
-            needing.select("pos_id", "user_id", "pos_key", "need"), exclusion, lookups.sampler
+            needing.select("pos_id", "user", "pos_key", "need"), exclusion_keys, lookups.sampler
         )
         picked[UNEXPOSED], short = draws.drawn, draws.short
         stats["unexposed_exact_positives"] = draws.num_exact
@@ -645,10 +615,7 @@ def build_partition(
         short = pl.DataFrame(schema={"pos_id": pl.Int64})
 
     if short.height:
-        short_rows = train_pos.join(short, on="pos_id", how="semi").with_columns(
-            pl.lit(TABLE_CODES[TABLE_CLICKS], dtype=pl.Int8).alias("table"),
-            pl.lit(None, dtype=pl.Int64).alias("rank"),
-        )
+        short_rows = train_pos.join(short, on="pos_id", how="semi")
         quarantine_parts.append(quarantine_events(short_rows, REASON_NOT_ENOUGH_NEGATIVES))
     kept = train_pos.join(short, on="pos_id", how="anti").sort("pos_id")
     kept_ids = kept.select("pos_id")

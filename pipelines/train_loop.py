@@ -84,6 +84,8 @@ class TrainState:
     best_epoch: int = -1
     epochs_without_improvement: int = 0
     best_state_dict: dict[str, torch.Tensor] | None = None
+    # global_step at every restore from a checkpoint (worker restart or relaunched driver).
+    resumed_at_steps: list[int] = field(default_factory=list)
 
 
 def to_csr(
@@ -223,7 +225,7 @@ def load_entity_tables(
         build_feature_table(items, item_specs),
         users.num_rows,
         items.num_rows,
-        torch.as_tensor(item_counts["count"].to_numpy(zero_copy_only=False), dtype=torch.float64),
+        torch.tensor(item_counts["count"].to_numpy(zero_copy_only=False), dtype=torch.float64),
     )
 
 
@@ -288,6 +290,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         state = saved["state"]
+        state.resumed_at_steps.append(state.global_step)
         if rank == 0:
             print(
                 f"[train] resumed from checkpoint: epoch {state.epoch}, step {state.global_step}",
@@ -301,9 +304,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device() if t.use_gpu else torch.device("cpu")
     user_table, item_table = user_table.to(device), item_table.to(device)
     pair = TowerPair(model, user_table, item_table)
-    pair = ray.train.torch.prepare_model(
-        pair, parallel_strategy_kwargs={"broadcast_buffers": False}
-    )
+    pair = ray.train.torch.prepare_model(pair)
     eval_data = (
         load_eval_data(dataset_dir, max_users=t.eval_max_users, seed=t.seed) if rank == 0 else None
     )

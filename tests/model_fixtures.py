@@ -108,7 +108,12 @@ def write_dataset_dir(
     with io.staged_output(str(out)) as staging:
         io.write_table(
             io.join(staging, "train", "part-0.parquet"),
-            rows(train_pairs, SPLIT - timedelta(days=1), train_schema(id_arrow, id_arrow, TS_TYPE), train=True),
+            rows(
+                train_pairs,
+                SPLIT - timedelta(days=1),
+                train_schema(id_arrow, id_arrow, TS_TYPE),
+                train=True,
+            ),
         )
         io.write_table(
             io.join(staging, "eval", "part-0.parquet"),

@@ -81,15 +81,16 @@ def ials_vectors(
     from implicit.cpu.als import AlternatingLeastSquares
     from threadpoolctl import threadpool_limits
 
-    model = AlternatingLeastSquares(
-        factors=params.factors,
-        regularization=params.regularization,
-        alpha=params.alpha,
-        iterations=params.iterations,
-        random_state=seed,
-        num_threads=num_threads,
-    )
-    # implicit warns (and slows down) when BLAS runs its own threads next to its own.
+    # implicit warns (and slows down) when BLAS runs a thread pool next to its own threads; it
+    # checks when the model is built, so both steps run under the limit.
     with threadpool_limits(1, "blas"):
+        model = AlternatingLeastSquares(
+            factors=params.factors,
+            regularization=params.regularization,
+            alpha=params.alpha,
+            iterations=params.iterations,
+            random_state=seed,
+            num_threads=num_threads,
+        )
         model.fit(train_UI.astype(np.float32), show_progress=False)
     return np.asarray(model.user_factors), np.asarray(model.item_factors)

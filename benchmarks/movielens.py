@@ -12,8 +12,12 @@ items genres (a bag) and release_year (categorical).
 
 Protocols (only users with >= 2 ratings hold anything out; every ML-100K user has >= 20):
 
-- p1: each user's last rating by timestamp is held out (equal timestamps: the larger item index
-  counts as later); HR@10 (``hit_rate@10``) and NDCG@10.
+- p1: each user's last rating by timestamp is held out; HR@10 (``hit_rate@10``) and NDCG@10.
+  Equal timestamps keep the order of the lines of ml-100k.inter (a stable sort by time, as
+  RecBole orders them). 415 of the 943 users have ties at their last timestamp, and an
+  item-index tie-break would bias the held-out item: it moves EASE's HR@10 from 0.088
+  (larger index last: obscure films) to 0.183 (smaller index last: popular ones); file order
+  gives 0.139.
 - p2: a random 20% of each user's ratings is held out with seed 0 (round(0.2·n), at least 1 and
   at most n − 1); Recall@20 and NDCG@20.
 
@@ -187,7 +191,8 @@ def fetch_ml100k(cache_dir: str | Path = DEFAULT_CACHE) -> Path:
 class MovieLens:
     """Ratings with dense indices, and the users and items tables (row = dense index)."""
 
-    ratings: pl.DataFrame  # user_idx, item_idx, ts (seconds), rating
+    # user_idx, item_idx, ts (seconds), line (0-based row in ml-100k.inter), rating
+    ratings: pl.DataFrame
     users: pl.DataFrame  # user_idx, user_id, age, gender, occupation, zip_prefix
     items: pl.DataFrame  # item_idx, item_id, genres, release_year
 
@@ -258,10 +263,11 @@ def load_ml100k(directory: str | Path) -> MovieLens:
         id_column = f"{name[:-1]}_id"
         if frame[id_column].n_unique() != frame.height:
             raise ValueError(f"ml-100k.{name[:-1]}: duplicate {id_column}s")
-    ratings = inter.select(
+    ratings = inter.with_row_index("line").select(
         _int_ids(inter["user_id"], "ml-100k.inter"),
         _int_ids(inter["item_id"], "ml-100k.inter"),
         pl.col("timestamp").cast(pl.Int64).alias("ts"),
+        pl.col("line").cast(pl.Int64),
         "rating",
     )
     ratings = ratings.join(users.select("user_id", "user_idx"), on="user_id", how="left").join(
@@ -273,8 +279,8 @@ def load_ml100k(directory: str | Path) -> MovieLens:
             f"ml-100k.inter: {unknown.height} ratings name a user or item missing from "
             f"ml-100k.user / ml-100k.item, e.g. {unknown.row(0, named=True)}"
         )
-    ratings = ratings.select("user_idx", "item_idx", "ts", "rating").sort(
-        "user_idx", "ts", "item_idx"
+    ratings = ratings.select("user_idx", "item_idx", "ts", "line", "rating").sort(
+        "user_idx", "ts", "line"
     )
     return MovieLens(ratings=ratings, users=users, items=items)
 
@@ -285,25 +291,29 @@ def load_ml100k(directory: str | Path) -> MovieLens:
 
 @dataclass(frozen=True)
 class Split:
-    """Rows (user_idx, item_idx, ts) used for training, and those held out for scoring."""
+    """Rows (user_idx, item_idx, ts, line) used for training, and those held out for scoring."""
 
     train: pl.DataFrame
     held_out: pl.DataFrame
 
 
+COLUMNS: tuple[str, ...] = ("user_idx", "item_idx", "ts", "line")
+
+
 def _ordered(frame: pl.DataFrame) -> pl.DataFrame:
-    return frame.select("user_idx", "item_idx", "ts").sort("user_idx", "ts", "item_idx")
+    """Each user's rows in time order; equal timestamps keep their order in the input file."""
+    return frame.select(COLUMNS).sort("user_idx", "ts", "line")
 
 
 def split_leave_last_out(frame: pl.DataFrame) -> Split:
-    """Hold out each user's last row by (ts, item_idx); users with one row keep it in train."""
+    """Hold out each user's last row by (ts, line); users with one row keep it in train."""
     ranked = _ordered(frame).with_columns(
         position=pl.int_range(pl.len()).over("user_idx"), size=pl.len().over("user_idx")
     )
     held = (pl.col("position") == pl.col("size") - 1) & (pl.col("size") >= 2)
     return Split(
-        train=ranked.filter(~held).select("user_idx", "item_idx", "ts"),
-        held_out=ranked.filter(held).select("user_idx", "item_idx", "ts"),
+        train=ranked.filter(~held).select(COLUMNS),
+        held_out=ranked.filter(held).select(COLUMNS),
     )
 
 
@@ -317,7 +327,7 @@ def num_held_out(size: int, fraction: float) -> int:
 def split_random_fraction(frame: pl.DataFrame, *, fraction: float = 0.2, seed: int = 0) -> Split:
     """Hold out a random ``fraction`` of each user's rows (``num_held_out``), seeded.
 
-    Rows are put in (user_idx, ts, item_idx) order first, so the split depends on the rows and
+    Rows are put in (user_idx, ts, line) order first, so the split depends on the rows and
     the seed only, not on the input order.
     """
     if not 0.0 < fraction < 1.0:
@@ -338,8 +348,8 @@ def split_random_fraction(frame: pl.DataFrame, *, fraction: float = 0.2, seed: i
     )
     held = pl.col("draw") < pl.col("quota")
     return Split(
-        train=ranked.filter(~held).select("user_idx", "item_idx", "ts"),
-        held_out=ranked.filter(held).select("user_idx", "item_idx", "ts"),
+        train=ranked.filter(~held).select(COLUMNS),
+        held_out=ranked.filter(held).select(COLUMNS),
     )
 
 
@@ -382,7 +392,7 @@ def protocol(name: str) -> Protocol:
         raise ValueError(f"unknown protocol {name!r}; valid: {', '.join(PROTOCOLS)}") from None
 
 
-def test_and_validation(ml: MovieLens, proto: Protocol) -> tuple[Split, Split]:
+def holdout_splits(ml: MovieLens, proto: Protocol) -> tuple[Split, Split]:
     """(train → test split, train-of-train → validation split) of one protocol."""
     test = proto.split(ml.ratings)
     return test, proto.split(test.train)
@@ -518,7 +528,11 @@ def write_dataset(
     seed: int,
     description: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write ``split`` as a Contract 2 dataset dir (train/ shuffled with ``seed``); its manifest."""
+    """Write ``split`` as a Contract 2 dataset dir (train/ shuffled with ``seed``); its manifest.
+
+    features/users.parquet also gets ``history``: the item ids of the user's train rows (a bag;
+    a model that should not see it sets ``model.user_feature_kinds.history: ignore``).
+    """
     from pipelines import io
     from pipelines.contracts import (
         ITEMS_FILE,
@@ -613,10 +627,24 @@ def write_dataset(
         io.write_table(io.join(staging, "eval", "part-00000.parquet"), eval_table)
         io.write_table(io.join(staging, "vocab", USERS_FILE), user_vocab)
         io.write_table(io.join(staging, "vocab", ITEMS_FILE), item_vocab)
-        io.write_table(io.join(staging, "features", USERS_FILE), ml.users.to_arrow())
+        io.write_table(io.join(staging, "features", USERS_FILE), user_features(ml, split).to_arrow())
         io.write_table(io.join(staging, "features", ITEMS_FILE), ml.items.to_arrow())
         io.write_json(io.join(staging, MANIFEST_FILE), manifest)
     return manifest
+
+
+def user_features(ml: MovieLens, split: Split) -> pl.DataFrame:
+    """The users table plus ``history``: sorted item ids of each user's train rows."""
+    history = (
+        split.train.join(ml.items.select("item_idx", "item_id"), on="item_idx")
+        .group_by("user_idx")
+        .agg(pl.col("item_id").unique().sort().alias("history"))
+    )
+    return (
+        ml.users.join(history, on="user_idx", how="left")
+        .with_columns(pl.col("history").fill_null(pl.lit([], dtype=pl.List(pl.Int64))))
+        .sort("user_idx")
+    )
 
 
 def model_vectors(loaded, dataset: str) -> tuple[np.ndarray, np.ndarray]:
@@ -673,6 +701,97 @@ def two_tower_config(proto: Protocol, path: str | None = None) -> Config:
     return load_config(path or str(CONFIGS / f"ml100k_{proto.name}.yaml"))
 
 
+def fit_in_process(
+    dataset: str,
+    config: Config,
+    *,
+    ml: MovieLens,
+    validation: Split,
+    ks: Sequence[int],
+    metric: str,
+    patience: int,
+) -> list[dict[str, float]]:
+    """Train in this process, without Ray, and score ``validation`` after every epoch.
+
+    For quick tuning only: the same model, task, optimizer and ``_train_step`` as the Ray job,
+    one batch of ``batch_size × num_workers`` rows per step. That is the step of the job's
+    ``num_workers`` DDP workers with ``loss.gather_across_workers`` (every worker's softmax over
+    the global batch; DDP averages the workers' losses), except that catalog samples
+    (``num_sampled_negatives``) are drawn once per step instead of once per worker.
+    Stops after ``patience`` epochs without a gain in ``metric``; one history row per epoch.
+    """
+    from jobs.train import infer_specs
+    from pipelines import io
+    from pipelines.train_loop import (
+        TRAIN_COLUMNS,
+        TowerPair,
+        _optimizer,
+        _train_step,
+        batch_tensors,
+        embed_all,
+        load_entity_tables,
+    )
+    from twotower_core.task import build_task
+    from twotower_core.towers import build_two_tower
+
+    t = config.train
+    torch.manual_seed(t.seed)
+    user_specs, item_specs = infer_specs(dataset, config)
+    user_table, item_table, num_users, num_items, counts = load_entity_tables(
+        dataset, user_specs, item_specs
+    )
+    model = build_two_tower(
+        config.model,
+        num_users=num_users,
+        num_items=num_items,
+        user_specs=user_specs,
+        item_specs=item_specs,
+    )
+    pair = TowerPair(model, user_table, item_table)
+    task = build_task(config.loss, item_counts=counts)
+    optimizer = _optimizer(config, model.parameters())
+    rows = io.read_table(io.join(dataset, "train"), columns=TRAIN_COLUMNS)
+    batch_size = t.batch_size * t.num_workers
+    generator = torch.Generator().manual_seed(t.seed)
+    history: list[dict[str, float]] = []
+    best, since_best = -float("inf"), 0
+    for epoch in range(t.epochs):
+        started = time.perf_counter()
+        shuffled = rows.take(np.random.default_rng([t.seed, epoch]).permutation(rows.num_rows))
+        losses = []
+        model.train()
+        for start in range(0, rows.num_rows - batch_size + 1, batch_size):
+            batch = batch_tensors(shuffled.slice(start, batch_size))
+            losses.append(
+                _train_step(
+                    pair, task, optimizer, batch, config, generator, num_items, torch.device("cpu")
+                )
+            )
+        model.eval()
+        user_UD = embed_all(model.user_tower, user_table, np.arange(num_users))
+        item_ID = embed_all(model.item_tower, item_table, np.arange(num_items))
+        metrics = evaluate_vectors(
+            user_UD, item_ID, validation, num_users=ml.num_users,
+            similarity=config.loss.similarity, ks=ks,
+        )  # fmt: skip
+        history.append(
+            {"epoch": epoch + 1, "train_loss": float(np.mean(losses)),
+             "seconds": time.perf_counter() - started, **metrics}
+        )  # fmt: skip
+        print(
+            f"  epoch {epoch + 1}: loss {history[-1]['train_loss']:.4f}, {metric} "
+            f"{metrics[metric]:.4f} ({history[-1]['seconds']:.0f} s)",
+            flush=True,
+        )
+        if metrics[metric] > best:
+            best, since_best = metrics[metric], 0
+        else:
+            since_best += 1
+            if since_best >= patience:
+                break
+    return history
+
+
 # ---------------------------------------------------------------------------------------------
 # runs
 
@@ -691,7 +810,7 @@ def run_protocol(
     config_path: str | None = None,
 ) -> dict[str, Any]:
     """Tune the baselines on validation, then score every model on the test split per seed."""
-    test, validation = test_and_validation(ml, proto)
+    test, validation = holdout_splits(ml, proto)
     out: dict[str, Any] = {
         "protocol": proto.name,
         "description": proto.description,
@@ -763,6 +882,9 @@ def run_protocol(
     return out
 
 
+TUNE_ENGINES: tuple[str, ...] = ("in-process", "ray")
+
+
 def tune_two_tower(
     ml: MovieLens,
     proto: Protocol,
@@ -772,13 +894,17 @@ def tune_two_tower(
     config_path: str | None = None,
     max_epochs: int,
     patience: int,
+    engine: str = "in-process",
 ) -> dict[str, Any]:
     """Train each candidate (overrides on the protocol's config) on the validation split.
 
     Each run early-stops on the protocol's tuning metric; its best epoch is what the final
-    config's ``train.epochs`` should be.
+    config's ``train.epochs`` should be. ``engine`` is ``in-process`` (``fit_in_process``, fast)
+    or ``ray`` (the training job itself).
     """
-    _, validation = test_and_validation(ml, proto)
+    if engine not in TUNE_ENGINES:
+        raise ValueError(f"unknown tuning engine {engine!r}; valid: {', '.join(TUNE_ENGINES)}")
+    _, validation = holdout_splits(ml, proto)
     base = two_tower_config(proto, config_path)
     results = {}
     for name, overrides in candidates.items():
@@ -789,27 +915,46 @@ def tune_two_tower(
              f"train.early_stopping_patience={patience}"],
         )  # fmt: skip
         started = time.perf_counter()
-        _, _, result = train_two_tower(
-            ml,
-            validation,
-            config,
-            work_dir=os.path.join(work_dir, f"tune-{proto.name}-{name}"),
-            description={"protocol": proto.name, "split": "validation", "seed": 0},
-        )
-        best = result.history[result.best_epoch - 1]
+        if engine == "ray":
+            _, _, result = train_two_tower(
+                ml,
+                validation,
+                config,
+                work_dir=os.path.join(work_dir, f"tune-{proto.name}-{name}"),
+                description={"protocol": proto.name, "split": "validation", "seed": 0},
+            )
+            history = result.history
+        else:
+            dataset = os.path.join(work_dir, f"tune-{proto.name}-{name}", "dataset")
+            write_dataset(
+                dataset,
+                ml,
+                validation,
+                num_negatives=config.dataset.negatives.unexposed,
+                alpha=config.dataset.negatives.unexposed_alpha,
+                seed=config.train.seed,
+            )
+            history = fit_in_process(
+                dataset, config, ml=ml, validation=validation, ks=proto.ks,
+                metric=proto.tuning_metric, patience=patience,
+            )  # fmt: skip
+            shutil.rmtree(os.path.dirname(dataset), ignore_errors=True)
+        best = max(history, key=lambda row: row[proto.tuning_metric])
         results[name] = {
+            "engine": engine,
             "overrides": overrides,
-            "best_epoch": result.best_epoch,
+            "best_epoch": best["epoch"],
             **{k: best[k] for k in (*proto.headline, "recall@20", "ndcg@10") if k in best},
             "history": [
                 {k: row[k] for k in ("epoch", "train_loss", proto.tuning_metric) if k in row}
-                for row in result.history
+                for row in history
             ],
             "seconds": time.perf_counter() - started,
         }
         print(
-            f"[tune {proto.name}] {name}: best epoch {result.best_epoch}, "
-            + ", ".join(f"{k} {results[name].get(k, float('nan')):.4f}" for k in proto.headline),
+            f"[tune {proto.name}] {name}: best epoch {best['epoch']}, "
+            + ", ".join(f"{k} {best[k]:.4f}" for k in proto.headline)
+            + f" ({results[name]['seconds']:.0f} s)",
             flush=True,
         )
     return results
@@ -901,6 +1046,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-epochs", type=int, default=30, help="with --tune: epoch cap")
     parser.add_argument("--patience", type=int, default=3, help="with --tune: early stopping")
     parser.add_argument(
+        "--tune-engine",
+        default="in-process",
+        choices=TUNE_ENGINES,
+        help="with --tune: train in this process (fast) or with the Ray training job",
+    )
+    parser.add_argument(
         "--out",
         default=None,
         help="results path without suffix (default benchmarks/results/movielens, "
@@ -911,7 +1062,7 @@ def main(argv: list[str] | None = None) -> int:
     directory = Path(args.ml100k_dir) if args.ml100k_dir else fetch_ml100k(args.cache_dir)
     ml = load_ml100k(directory)
     print(f"ML-100K: {ml.ratings.height:,} ratings, {ml.num_users} users, {ml.num_items} items")
-    if args.tune or "two_tower" in args.models:
+    if (args.tune and args.tune_engine == "ray") or (not args.tune and "two_tower" in args.models):
         from jobs.ray_runtime import ensure_ray
 
         ensure_ray()
@@ -957,6 +1108,7 @@ def _tune_main(ml: MovieLens, args: argparse.Namespace, work_dir: str) -> int:
             config_path=args.config,
             max_epochs=args.max_epochs,
             patience=args.patience,
+            engine=args.tune_engine,
         )
         log.setdefault(name, {}).update(results)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,8 @@ With the Ray engine logs never reach the driver: a task holds one read unit (abo
 (``dataset.num_partitions``), not by the size of the logs. The local engine runs the same
 functions in one process over all events at once (a reference and a benchmark baseline).
 Partition files are named after their users, so a rerun writes the very same files.
+
+Shapes: U users in the vocab, I catalog items.
 """
 
 from __future__ import annotations

@@ -1,24 +1,50 @@
-"""Offline evaluation on a dataset's eval split: from embedding tables, a model, or baselines.
+"""Offline evaluation on a dataset's eval split: from embedding tables, or baselines.
 
-All paths end in ``twotower_core.metrics.retrieval_metrics`` over the full catalog, excluding
-each user's train positives, with the same eval users the training job scored, so the numbers
-are comparable across train, evaluate and the demo.
+Legend: U users, I items, D embedding dim.
+
+Every path ends in ``twotower_core.metrics.retrieval_metrics`` over the full catalog, excluding
+each user's train positives, with the eval users ``pipelines.train_loop.load_eval_data`` picks
+(all of them, or a seeded sample), exactly as the training job scores each epoch. So published
+embedding tables evaluated with the model's own settings (``settings_of_model``) reproduce the
+numbers in the model's ``metrics.json`` up to float rounding: the check that the tables a
+retrieval service loads are the model that was validated.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import numpy as np
-import polars as pl
 import pyarrow as pa
 import torch
 
 from pipelines import io
-from pipelines.embed import from_embedding_array
+from pipelines.checkpoint import load_config_of
+from pipelines.embed import IdIndex
+from pipelines.retrieval import EmbeddingTable, load_embeddings
 from pipelines.train_loop import EvalData, load_eval_data
-from twotower_core.metrics import retrieval_metrics
+from twotower_core.metrics import popularity_embeddings, retrieval_metrics
 
 
-def _metrics(user_UD, item_ID, eval_data: EvalData, *, similarity: str, ks) -> dict[str, float]:
+@dataclass(frozen=True)
+class EvalSettings:
+    """Which cut-offs and which eval users: the knobs that must match to compare numbers."""
+
+    ks: tuple[int, ...] = (10, 50, 100)
+    max_users: int | None = None  # None = every eval user
+    seed: int = 0  # picks the sample when max_users is set
+
+
+def settings_of_model(model_dir: str) -> EvalSettings:
+    """The settings the training job evaluated with (``train.eval_ks``, ``eval_max_users``, ``seed``)."""
+    train = load_config_of(model_dir).train
+    return EvalSettings(ks=tuple(train.eval_ks), max_users=train.eval_max_users, seed=train.seed)
+
+
+def _metrics(
+    user_UD: np.ndarray, item_ID: np.ndarray, eval_data: EvalData, *, similarity: str, ks
+) -> dict[str, float]:
     return retrieval_metrics(
         torch.as_tensor(user_UD),
         torch.as_tensor(item_ID),
@@ -32,73 +58,78 @@ def _metrics(user_UD, item_ID, eval_data: EvalData, *, similarity: str, ks) -> d
 
 
 def align_to_vocab(
-    table: pa.Table, vocab: pa.Table, *, id_column: str, idx_column: str, dim: int, what: str
+    table: EmbeddingTable, vocab: pa.Table, *, id_column: str, idx_column: str, what: str
 ) -> np.ndarray:
-    """Rows of an embedding table reordered to dataset indices: ``[len(vocab), dim]``.
+    """Vectors of an embedding table in dataset index order: ``[len(vocab), D]``.
 
-    Raises when a vocab id has no embedding (the tables do not cover the dataset).
+    Ids the table has beyond the vocab (items added after the dataset) are left out; a vocab
+    id the table lacks is an error (the tables do not cover the dataset).
     """
-    ids = pl.from_arrow(table.select([id_column])).with_row_index("row")
-    joined = (
-        pl.from_arrow(vocab.select([id_column, idx_column]))
-        .join(ids, on=id_column, how="left")
-        .sort(idx_column)
-    )
-    missing = joined.filter(pl.col("row").is_null())
-    if missing.height:
+    rows = IdIndex(table.ids).rows(vocab[id_column].combine_chunks())
+    missing = np.flatnonzero(rows < 0)
+    if len(missing):
+        examples = vocab[id_column].take(pa.array(missing[:3])).to_pylist()
         raise ValueError(
-            f"{what}: {missing.height} {id_column}s of the dataset have no embedding, "
-            f"e.g. {missing[id_column].head(3).to_list()}"
+            f"{what}: {len(missing)} {id_column}s of the dataset have no embedding, e.g. {examples}"
         )
-    vectors = from_embedding_array(table["embedding"], dim)
-    return vectors[joined["row"].to_numpy()]
+    index = vocab[idx_column].to_numpy()
+    if not np.array_equal(np.sort(index), np.arange(len(index))):
+        raise ValueError(f"{what}: {idx_column} of the dataset vocab is not 0..{len(index) - 1}")
+    aligned = np.empty((len(index), table.vectors_ND.shape[1]), dtype=np.float32)
+    aligned[index] = table.vectors_ND[rows]
+    return aligned
+
+
+def _vocab(dataset: str, side: str) -> pa.Table:
+    key = side[:-1]
+    return io.read_table(
+        io.join(dataset, "vocab", f"{side}.parquet"), columns=[f"{key}_id", f"{key}_idx"]
+    )
 
 
 def evaluate_embeddings(
-    embeddings: str, dataset: str, *, ks=(10, 50, 100), max_users: int | None = None, seed: int = 0
+    embeddings: str,
+    dataset: str,
+    *,
+    ks: Sequence[int] = (10, 50, 100),
+    max_users: int | None = None,
+    seed: int = 0,
 ) -> dict[str, float]:
     """Metrics of published embedding tables (Contract 4) on a dataset's eval split."""
-    manifest = io.read_json(io.join(embeddings, "manifest.json"))
-    dim, similarity = manifest["dim"], manifest["similarity"]
+    tables = load_embeddings(embeddings)
+    assert tables.users is not None and tables.items is not None
     eval_data = load_eval_data(dataset, max_users=max_users, seed=seed)
-    user_vocab = io.read_table(
-        io.join(dataset, "vocab", "users.parquet"), columns=["user_id", "user_idx"]
-    )
-    item_vocab = io.read_table(
-        io.join(dataset, "vocab", "items.parquet"), columns=["item_id", "item_idx"]
-    )
-    users = align_to_vocab(
-        io.read_table(io.join(embeddings, "users")),
-        user_vocab,
+    user_UD = align_to_vocab(
+        tables.users,
+        _vocab(dataset, "users"),
         id_column="user_id",
         idx_column="user_idx",
-        dim=dim,
-        what="users",
+        what=f"users/ of {embeddings}",
     )
-    items = align_to_vocab(
-        io.read_table(io.join(embeddings, "items")),
-        item_vocab,
+    item_ID = align_to_vocab(
+        tables.items,
+        _vocab(dataset, "items"),
         id_column="item_id",
         idx_column="item_idx",
-        dim=dim,
-        what="items",
+        what=f"items/ of {embeddings}",
     )
-    return _metrics(users[eval_data.user_idx], items, eval_data, similarity=similarity, ks=ks)
+    return _metrics(
+        user_UD[eval_data.user_idx], item_ID, eval_data, similarity=tables.similarity, ks=ks
+    )
 
 
 def evaluate_popularity(
-    dataset: str, *, ks=(10, 50, 100), max_users: int | None = None, seed: int = 0
+    dataset: str, *, ks: Sequence[int] = (10, 50, 100), max_users: int | None = None, seed: int = 0
 ) -> dict[str, float]:
-    """MostPop: every user gets the items with the most train clicks (ties by index)."""
+    """MostPop: every user gets the items with the most train clicks (ties by lower index)."""
     eval_data = load_eval_data(dataset, max_users=max_users, seed=seed)
-    counts = io.read_table(io.join(dataset, "vocab", "items.parquet"), columns=["count"])[
-        "count"
-    ].to_numpy()
-    # Dot product of a constant user vector [1] with item vectors [count] scores by popularity;
-    # the tiny index term breaks ties deterministically.
-    item_I1 = (counts.astype(np.float64) - 1e-9 * np.arange(len(counts)))[:, None]
-    user_U1 = np.ones((len(eval_data.user_idx), 1))
-    return _metrics(user_U1, item_I1, eval_data, similarity="dot", ks=ks)
+    counts = io.read_table(
+        io.join(dataset, "vocab", "items.parquet"), columns=["item_idx", "count"]
+    )
+    counts_I = np.zeros(counts.num_rows, dtype=np.int64)
+    counts_I[counts["item_idx"].to_numpy()] = counts["count"].to_numpy()
+    user_U1, item_I1 = popularity_embeddings(counts_I, len(eval_data.user_idx))
+    return _metrics(user_U1.numpy(), item_I1.numpy(), eval_data, similarity="dot", ks=ks)
 
 
 def evaluate_vectors(
@@ -107,7 +138,7 @@ def evaluate_vectors(
     dataset: str,
     *,
     similarity: str,
-    ks=(10, 50, 100),
+    ks: Sequence[int] = (10, 50, 100),
     max_users: int | None = None,
     seed: int = 0,
 ) -> dict[str, float]:

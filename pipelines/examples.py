@@ -20,7 +20,8 @@ Randomness is a stable hash of (seed, user id, the positive's rank among the use
 positives, source, slot): no RNG state crosses users, so the rows do not depend on how users
 are partitioned or on how many nodes run the job.
 
-Shapes: I catalog items, P train positives in the partition, D draws.
+Shapes: I catalog items, U users of a partition, P positives needing unexposed draws,
+R those still drawing in a round, D draws, K draws kept.
 """
 
 from __future__ import annotations
@@ -125,21 +126,20 @@ def user_keys(user_ids: pl.Series, seed: int) -> np.ndarray:
 
 @dataclass(frozen=True, eq=False)
 class UnexposedSampler:
-    """Draws catalog item indices with probability ∝ weight, by inverse CDF.
+    """Draws catalog item indices with probability ∝ weight in O(1) each (Walker's alias table).
 
     Built once on the driver from the train click counts and shared by every partition.
     """
 
     weights_I: np.ndarray  # float64 (count + 1)^alpha
-    cdf_I: np.ndarray  # float64 cumulative weights / total, last = 1
+    accept_I: np.ndarray  # float64: keep column i with this probability ...
+    alias_I: np.ndarray  # int64: ... else take its alias
 
     @classmethod
     def from_counts(cls, counts_I: np.ndarray, *, alpha: float) -> UnexposedSampler:
-        counts_I = np.asarray(counts_I, dtype=np.float64)
-        weights_I = np.power(counts_I + 1.0, alpha)
-        cdf_I = np.cumsum(weights_I)
-        cdf_I /= cdf_I[-1] if len(cdf_I) else 1.0
-        return cls(weights_I=weights_I, cdf_I=cdf_I)
+        weights_I = np.power(np.asarray(counts_I, dtype=np.float64) + 1.0, alpha)
+        accept_I, alias_I = _alias_table(weights_I)
+        return cls(weights_I=weights_I, accept_I=accept_I, alias_I=alias_I)
 
     @property
     def num_items(self) -> int:
@@ -149,9 +149,30 @@ class UnexposedSampler:
         return self.weights_I / self.weights_I.sum()
 
     def draw(self, uniforms_D: np.ndarray) -> np.ndarray:
-        """[D] uniforms in [0, 1) -> [D] int64 item indices."""
-        index_D = np.searchsorted(self.cdf_I, uniforms_D, side="right")
-        return np.minimum(index_D, self.num_items - 1).astype(np.int64)
+        """[D] uniforms in [0, 1) -> [D] int64 item indices.
+
+        One uniform per draw: its integer part picks the column, its fraction the coin.
+        """
+        scaled_D = uniforms_D * self.num_items
+        column_D = np.minimum(scaled_D.astype(np.int64), self.num_items - 1)
+        coin_D = scaled_D - column_D
+        return np.where(coin_D < self.accept_I[column_D], column_D, self.alias_I[column_D])
+
+
+def _alias_table(weights_I: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Vose's alias method: column i holds item i with mass accept[i] and alias[i] with the rest."""
+    num_items = len(weights_I)
+    scaled = (weights_I * (num_items / weights_I.sum())).tolist()
+    accept_I = np.ones(num_items, dtype=np.float64)
+    alias_I = np.arange(num_items, dtype=np.int64)
+    small = [i for i, p in enumerate(scaled) if p < 1.0]
+    large = [i for i, p in enumerate(scaled) if p >= 1.0]
+    while small and large:
+        low, high = small.pop(), large.pop()
+        accept_I[low], alias_I[low] = scaled[low], high
+        scaled[high] -= 1.0 - scaled[low]
+        (small if scaled[high] < 1.0 else large).append(high)
+    return accept_I, alias_I
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,12 +376,9 @@ def take_random(candidates: pl.DataFrame, k: int, *, source: str) -> pl.DataFram
     )
 
 
-def _is_member(values: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:
-    """[len(values)] bool: which values are in ``sorted_keys`` (sorted, unique)."""
-    if len(sorted_keys) == 0:
-        return np.zeros(len(values), dtype=bool)
-    index = np.minimum(np.searchsorted(sorted_keys, values), len(sorted_keys) - 1)
-    return sorted_keys[index] == values
+def _is_member(values: np.ndarray, keys: pl.Series) -> np.ndarray:
+    """[len(values)] bool: which values are in ``keys`` (a hash lookup)."""
+    return pl.Series(values).is_in(keys.implode()).to_numpy()
 
 
 class UnexposedDraws(NamedTuple):
@@ -370,27 +388,29 @@ class UnexposedDraws(NamedTuple):
 
 
 def sample_unexposed(
-    needing: pl.DataFrame, exclusion_keys: np.ndarray, sampler: UnexposedSampler
+    needing: pl.DataFrame, exclusion_keys: pl.Series, sampler: UnexposedSampler
 ) -> UnexposedDraws:
     """Weighted draws without replacement from the catalog minus each user's exclusion set.
 
     ``needing``: pos_id, user (an int code >= 0), pos_key (uint64), need (> 0).
-    ``exclusion_keys``: sorted unique ``user * I + item_idx`` of the items each user met.
+    ``exclusion_keys``: ``user * I + item_idx`` of the items each user met.
     Draws are rejection sampling from the full table: a draw of an excluded or already drawn
     item is redrawn, which is sequential sampling from the renormalised eligible set. Users
     with little eligible mass, and positives still short after a few rounds, get exact
     Efraimidis–Spirakis sampling over their eligible items.
     """
     num_items = sampler.num_items
+    exclusion_keys = exclusion_keys.cast(pl.Int64).unique().sort()
+    exclusion_K = exclusion_keys.to_numpy()
     pos_P = needing["pos_id"].to_numpy().astype(np.int64)
     user_P = needing["user"].to_numpy().astype(np.int64)
     key_P = needing["pos_key"].to_numpy().astype(np.uint64)
     need_P = needing["need"].to_numpy().astype(np.int64)
-    excluded_user = exclusion_keys // num_items
+    excluded_user = exclusion_K // num_items
     num_users = int(max(user_P.max(initial=-1), excluded_user.max(initial=-1))) + 1
     excluded_mass_U = np.bincount(
         excluded_user,
-        weights=sampler.probabilities()[exclusion_keys % num_items],
+        weights=sampler.probabilities()[exclusion_K % num_items],
         minlength=num_users,
     )
     excluded_items_U = np.bincount(excluded_user, minlength=num_users)
@@ -399,7 +419,7 @@ def sample_unexposed(
     exact_P = ~short_P & (accept_P < MIN_ACCEPTANCE)
 
     drawn_pos, drawn_item, drawn_order = [], [], []
-    drawn_pairs = np.zeros(0, dtype=np.int64)  # sorted pos_id * I + item_idx
+    drawn_pairs = [np.zeros(0, dtype=np.int64)]  # pos_id * I + item_idx of every drawn item
     rows = np.flatnonzero(~short_P & ~exact_P)  # positives still drawing, as rows of needing
     remaining = need_P[rows]
     for round_index in range(MAX_REJECTION_ROUNDS):
@@ -412,14 +432,16 @@ def sample_unexposed(
             np.cumsum(draws_R) - draws_R, draws_R
         )
         round_keys_R = combine(combine(key_P[rows], _SALT_SOURCE[UNEXPOSED]), round_index)
-        item_D = sampler.draw(to_unit_interval(combine(round_keys_R[owner_D], slot_D.view(np.uint64))))
+        item_D = sampler.draw(
+            to_unit_interval(combine(round_keys_R[owner_D], slot_D.view(np.uint64)))
+        )
         pos_D = pos_P[rows][owner_D]
         pair_D = pos_D * num_items + item_D
         ok_D = ~_is_member(user_P[rows][owner_D] * num_items + item_D, exclusion_keys)
-        ok_D &= ~_is_member(pair_D, drawn_pairs)
+        ok_D &= ~_is_member(pair_D, pl.Series(np.concatenate(drawn_pairs)))
         ok_index = np.flatnonzero(ok_D)
-        _, first = np.unique(pair_D[ok_index], return_index=True)
-        kept = np.sort(ok_index[first])  # first draw of each new item, in draw order
+        # The first draw of each new item, in draw order (draws are grouped by positive).
+        kept = ok_index[pl.Series(pair_D[ok_index]).is_first_distinct().to_numpy()]
         owner_K = owner_D[kept]
         starts_K = np.r_[True, owner_K[1:] != owner_K[:-1]]
         group_start_K = np.maximum.accumulate(np.where(starts_K, np.arange(len(kept)), 0))
@@ -427,17 +449,23 @@ def sample_unexposed(
         drawn_pos.append(pos_D[chosen])
         drawn_item.append(item_D[chosen])
         drawn_order.append(slot_D[chosen] + round_index * (1 << 40))
-        drawn_pairs = np.union1d(drawn_pairs, pair_D[chosen])
+        drawn_pairs.append(pair_D[chosen])
         remaining = remaining - np.bincount(owner_D[chosen], minlength=len(rows))
         rows, remaining = rows[remaining > 0], remaining[remaining > 0]
 
     exact_rows = np.concatenate([np.flatnonzero(exact_P), rows])
+    pairs_sorted = np.sort(np.concatenate(drawn_pairs))
     exact_need = np.concatenate([need_P[exact_P], remaining])
     for row, need in zip(exact_rows.tolist(), exact_need.tolist()):
-        lo, hi = np.searchsorted(exclusion_keys, [user_P[row] * num_items, (user_P[row] + 1) * num_items])
-        pair_lo, pair_hi = np.searchsorted(drawn_pairs, [pos_P[row] * num_items, (pos_P[row] + 1) * num_items])
+        # This user's excluded items and this positive's drawn ones: key ranges [x*I, (x+1)*I).
+        lo, hi = np.searchsorted(
+            exclusion_K, [user_P[row] * num_items, (user_P[row] + 1) * num_items]
+        )
+        pair_lo, pair_hi = np.searchsorted(
+            pairs_sorted, [pos_P[row] * num_items, (pos_P[row] + 1) * num_items]
+        )
         blocked = np.concatenate(
-            [exclusion_keys[lo:hi] % num_items, drawn_pairs[pair_lo:pair_hi] % num_items]
+            [exclusion_K[lo:hi] % num_items, pairs_sorted[pair_lo:pair_hi] % num_items]
         )
         items = _sample_exact(key_P[row], need, blocked, sampler)
         drawn_pos.append(np.full(len(items), pos_P[row], dtype=np.int64))
@@ -510,7 +538,7 @@ def build_partition(
     )
     is_click = pl.col("table") == TABLE_CODES[TABLE_CLICKS]
     clicked = usable.filter(is_click)["user_item"].unique()
-    exclusion_keys = usable["user_item"].unique().sort().to_numpy()
+    exclusion_keys = usable["user_item"].unique()
 
     good = usable.filter(pl.col("request_id").is_not_null())
     clicks = good.filter(is_click)

@@ -100,6 +100,12 @@ def _number(value: Any, digits: int = 4) -> str:
     return f"{value:,}" if isinstance(value, int) else str(value)
 
 
+def _metric_order(key: str) -> tuple[str, int]:
+    """``recall@10`` before ``recall@50`` before ``recall@100``."""
+    name, _, k = key.partition("@")
+    return name, int(k) if k.isdigit() else 0
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -138,7 +144,7 @@ def render_markdown(
 
     if current.metrics:
         lines += ["## Metrics on the eval day", ""]
-        keys = [k for k in sorted(current.metrics) if k != "eval_users"]
+        keys = sorted((k for k in current.metrics if k != "eval_users"), key=_metric_order)
         rows = [
             [
                 f"**{key}**" if key == gate_metric else key,
@@ -242,7 +248,7 @@ def plot_metric_history(
     axes.set_title(f"{gate_metric} across nightly runs")
     axes.tick_params(axis="x", labelrotation=45)
     if evaluated:
-        axes.legend(loc="best", fontsize="small")
+        axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
     else:
         axes.text(0.5, 0.5, "no evaluated run yet", ha="center", transform=axes.transAxes)
     return _png_bytes(figure)
@@ -266,7 +272,7 @@ def plot_negatives_per_source(history: list[RunSummary]) -> bytes:
     axes.set_title("negatives per source")
     axes.tick_params(axis="x", labelrotation=45)
     if built:
-        axes.legend(loc="best", fontsize="small")
+        axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
     return _png_bytes(figure)
 
 

@@ -315,7 +315,8 @@ def decide_gate(
         )
     if previous_value is not None and math.isfinite(value):
         lowest = previous_value * (1.0 - config.max_relative_drop)
-        if value < lowest:
+        # A drop of exactly the allowed fraction passes (0.40 * 0.9 is 0.36000000000000004).
+        if value < lowest and not math.isclose(value, lowest, rel_tol=1e-9):
             reasons.append(
                 f"{metric} {value:.4f} dropped more than {config.max_relative_drop:.0%} from "
                 f"{previous_value:.4f} in run {previous_run} (lowest allowed {lowest:.4f}, "

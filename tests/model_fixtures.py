@@ -23,6 +23,7 @@ from pipelines.checkpoint import model_payload
 from pipelines.checkpoint import write_model_dir as write_checkpoint
 from pipelines.contracts import eval_schema, train_schema, vocab_schema
 from pipelines.embed import EmbedBatch
+from pipelines.retrieval import brute_force_top_k
 from pipelines.synthetic import make_ids
 from twotower_core.config import Config, debug_config
 from twotower_core.towers import build_two_tower
@@ -187,6 +188,73 @@ def write_model_dir(
             train_log_csv="",
         )
     return str(out)
+
+
+def write_embeddings_dir(
+    out: str | Path, model: str, *, dataset: str | None = None, batch_size: int = 16
+) -> str:
+    """A published Contract 4 dir embedded in this process (no Ray), as the embed job would."""
+    from pipelines.checkpoint import load_config_of
+    from pipelines.embed import (
+        MANIFEST_FILE,
+        SIDES,
+        build_manifest,
+        check_side,
+        source_id_type,
+    )
+
+    dataset = dataset or io.read_json(io.join(model, "checkpoint", "dataset.json"))["dataset"]
+    config = load_config_of(model)
+    counts, id_types = {}, {}
+    with io.staged_output(str(out)) as staging:
+        for side in SIDES:
+            source = io.join(dataset, "features", f"{side}.parquet")
+            table = io.read_table(source)
+            embed = EmbedBatch(model, side)
+            for number, start in enumerate(range(0, table.num_rows, batch_size)):
+                part = embed(table.slice(start, batch_size))
+                io.write_table(io.join(staging, side, f"part-{number:04d}.parquet"), part)
+            id_types[side] = source_id_type(source, side)
+            counts[side] = check_side(
+                io.join(staging, side),
+                side=side,
+                id_type=id_types[side],
+                dim=config.model.embedding_dim,
+                expected_rows=table.num_rows,
+            )
+        manifest = build_manifest(
+            config, counts=counts, id_types=id_types, model=model, dataset=dataset
+        )
+        io.write_json(io.join(staging, MANIFEST_FILE), manifest)
+    return str(out)
+
+
+def assert_same_top_k(found, queries_QD, items, *, similarity: str, k: int) -> float:
+    """FAISS top k against the full brute-force ranking; returns the share of positions whose
+    id was compared exactly.
+
+    Tolerant of near-ties only (FAISS and torch round differently): every returned item must
+    carry its true score, in order, with no better item missing; and every position whose score
+    is clear of its neighbours' must hold the same id as the reference.
+    """
+    full = brute_force_top_k(queries_QD, items, similarity=similarity, k=len(items))
+    compared = 0
+    for ids, scores_K, all_ids, all_scores in zip(
+        found.ids, found.scores_QK, full.ids, full.scores_QK
+    ):
+        tol = 1e-5 * max(1.0, float(np.abs(all_scores).max()))
+        assert len(ids) == len(set(ids)) == k
+        true_score = dict(zip(all_ids, all_scores.tolist()))
+        np.testing.assert_allclose(scores_K, [true_score[i] for i in ids], rtol=0, atol=tol)
+        assert (np.diff(scores_K) <= tol).all()
+        assert scores_K[-1] >= all_scores[k - 1] - tol
+        gaps = np.abs(np.diff(all_scores[: k + 1]))
+        for position in range(k):
+            before = gaps[position - 1] if position else np.inf
+            if before > tol and gaps[position] > tol:
+                assert ids[position] == all_ids[position], position
+                compared += 1
+    return compared / (k * len(found.ids))
 
 
 class FailingEmbedBatch(EmbedBatch):

@@ -22,6 +22,7 @@ from pipelines.examples import (
     sample_unexposed,
     stable_id_hash,
     take_random,
+    to_unit_interval,
     user_keys,
 )
 from tests.fixtures_logs import HandLogs, contract_violations, events_of, ts_us
@@ -124,9 +125,17 @@ def test_user_keys_depend_on_seed_and_id_only():
 
 def test_sampler_weights_are_count_plus_one_to_the_alpha():
     sampler = UnexposedSampler.from_counts(np.array([0, 1, 3]), alpha=1.0)
-    # weights 1, 2, 4 -> probabilities 1/7, 2/7, 4/7 -> cdf 1/7, 3/7, 1
+    # weights 1, 2, 4 -> probabilities 1/7, 2/7, 4/7
     np.testing.assert_allclose(sampler.probabilities(), [1 / 7, 2 / 7, 4 / 7])
-    assert sampler.draw(np.array([0.0, 0.14, 0.15, 0.42, 0.43, 0.999])).tolist() == [
+    # The alias table implies the same: item j gets accept[j] of its own column and
+    # 1 - accept[i] of every column i aliased to it, each column having mass 1/3.
+    implied = sampler.accept_I.copy()
+    np.add.at(implied, sampler.alias_I, 1.0 - sampler.accept_I)
+    np.testing.assert_allclose(implied / 3, [1 / 7, 2 / 7, 4 / 7])
+    uniform = UnexposedSampler.from_counts(np.array([0, 1, 3]), alpha=0.0)
+    np.testing.assert_allclose(uniform.probabilities(), [1 / 3] * 3)
+    # Uniform weights: every column keeps its own item, so u in [j/3, (j+1)/3) draws j.
+    assert uniform.draw(np.array([0.0, 0.33, 0.34, 0.66, 0.67, 0.999])).tolist() == [
         0,
         0,
         1,
@@ -134,8 +143,13 @@ def test_sampler_weights_are_count_plus_one_to_the_alpha():
         2,
         2,
     ]
-    uniform = UnexposedSampler.from_counts(np.array([0, 1, 3]), alpha=0.0)
-    np.testing.assert_allclose(uniform.probabilities(), [1 / 3] * 3)
+
+
+def test_sampler_draw_frequencies_match_the_weights():
+    sampler = UnexposedSampler.from_counts(np.array([0, 5, 1, 30, 2, 0, 9]), alpha=0.75)
+    uniforms = to_unit_interval(combine(np.uint64(3), np.arange(200_000)))
+    frequency = np.bincount(sampler.draw(uniforms), minlength=7) / 200_000
+    np.testing.assert_allclose(frequency, sampler.probabilities(), atol=0.005)
 
 
 def test_take_random_is_a_uniform_subset_without_replacement():
@@ -163,7 +177,7 @@ def _needing(num_positives: int, need: int, user_of=lambda p: p % 3) -> pl.DataF
     return pl.DataFrame(
         {
             "pos_id": np.arange(num_positives, dtype=np.int64),
-            "user_id": [user_of(p) for p in range(num_positives)],
+            "user": [user_of(p) for p in range(num_positives)],
             "pos_key": combine(np.uint64(9), np.arange(num_positives)),
             "need": np.full(num_positives, need, dtype=np.int64),
         }
@@ -173,29 +187,28 @@ def _needing(num_positives: int, need: int, user_of=lambda p: p % 3) -> pl.DataF
 def test_unexposed_draws_follow_the_popularity_weights():
     counts = np.array([0, 1, 3, 7, 15])
     sampler = UnexposedSampler.from_counts(counts, alpha=0.5)  # weights 1, √2, 2, √8, 4
-    draws = sample_unexposed(
-        _needing(20000, 1),
-        pl.DataFrame(schema={"user_id": pl.Int64, "item_idx": pl.Int64}),
-        sampler,
-    )
+    draws = sample_unexposed(_needing(20000, 1), pl.Series([], dtype=pl.Int64), sampler)
     frequency = draws.drawn["item_idx"].value_counts().sort("item_idx")["count"].to_numpy() / 20000
     np.testing.assert_allclose(frequency, sampler.probabilities(), atol=0.015)
 
 
 def test_unexposed_draws_skip_excluded_items_and_repeats():
     sampler = UnexposedSampler.from_counts(np.arange(30), alpha=1.0)
-    exclusion = pl.DataFrame({"user_id": [0] * 20, "item_idx": list(range(10, 30))})
-    draws = sample_unexposed(_needing(300, 6), exclusion, sampler)
-    drawn = draws.drawn.join(_needing(300, 6).select("pos_id", "user_id"), on="pos_id")
+    # User 0 met items 10..29: keys user * I + item = 0 * 30 + item.
+    exclusion_keys = pl.Series(np.arange(10, 30))
+    draws = sample_unexposed(_needing(300, 6), exclusion_keys, sampler)
+    drawn = draws.drawn.join(_needing(300, 6).select("pos_id", "user"), on="pos_id")
     assert drawn.group_by("pos_id").agg(pl.col("item_idx").n_unique())["item_idx"].eq(6).all()
-    assert drawn.filter(pl.col("user_id") == 0)["item_idx"].max() < 10
+    assert drawn.group_by("pos_id").len()["len"].eq(6).all()
+    assert drawn.filter(pl.col("user") == 0)["item_idx"].max() < 10
+    assert drawn.filter(pl.col("user") == 1)["item_idx"].max() >= 10
     assert draws.short.height == 0
 
 
 def test_unexposed_exact_fallback_when_little_mass_is_left():
     # User 0 is excluded from items 0..97 of 100 (almost all the mass): only 98, 99 remain.
     sampler = UnexposedSampler.from_counts(np.zeros(100), alpha=0.0)
-    exclusion = pl.DataFrame({"user_id": [0] * 98, "item_idx": list(range(98))})
+    exclusion = pl.Series(np.arange(98))
     needing = _needing(4, 2, user_of=lambda p: 0)
     draws = sample_unexposed(needing, exclusion, sampler)
     assert 2 / 100 < MIN_ACCEPTANCE and draws.num_exact == 4

@@ -1,0 +1,338 @@
+"""Embedding throughput: the Ray Data embed job against a plain single-process loop.
+
+Both embed the same catalog (≥ 1M items by default) with the same randomly initialised model
+dir (the default preset's towers) at the same batch size, through the same per-batch function
+(``EmbedBatch``: id lookup, feature encoding, tower forward, NaN/Inf check). The plain loop
+reads the Parquet file batch by batch with pyarrow, runs the tower in this process with every
+core as torch threads, and writes with a ``pyarrow.parquet.ParquetWriter``: no Ray at all. The
+Ray side is the ``twotower embed`` job itself (``jobs.embed.run``: read → actor pool → write,
+then the footer checks); its item side is timed.
+
+Startup (Ray Data planning, actor start, loading the checkpoint in every actor) is measured
+separately on a 4,096-row slice of the catalog; "steady" rows/s removes it from the full run.
+Each configuration runs --repeats times and the median is kept.
+
+    python benchmarks/embed_throughput.py                        # 1M items, concurrency 1 and 2
+    python benchmarks/embed_throughput.py --items 200000 --repeats 1
+
+Prints a table, writes benchmarks/results/embed_throughput.{json,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+
+from pipelines import io  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+STARTUP_ROWS = 4096
+
+
+def write_catalog(root: Path, *, num_items: int, num_users: int, seed: int) -> str:
+    """A dataset-like dir with features/ and vocab/ for both sides (all the embed job reads)."""
+    from pipelines.synthetic import make_ids
+
+    rng = np.random.default_rng(seed)
+    tag_names = np.array([f"tag{t:03d}" for t in range(500)])
+    tag_counts = rng.integers(0, 5, num_items)
+    offsets = np.concatenate([[0], np.cumsum(tag_counts)]).astype(np.int32)
+    tags = pa.ListArray.from_arrays(
+        pa.array(offsets), pa.array(tag_names[rng.integers(0, 500, offsets[-1])])
+    )
+    items = pa.table(
+        {
+            "item_id": make_ids(num_items, kind="item", id_type="int"),
+            "category": pa.array(np.array([f"cat{c:03d}" for c in range(200)])[
+                rng.integers(0, 200, num_items)
+            ]),
+            "tags": tags,
+            "price": pa.array(np.round(rng.lognormal(3.0, 0.8, num_items), 2)),
+            "brand": pa.array(np.array([f"brand{b:05d}" for b in range(5000)])[
+                rng.integers(0, 5000, num_items)
+            ]),
+        }
+    )  # fmt: skip
+    users = pa.table(
+        {
+            "user_id": make_ids(num_users, kind="user", id_type="int"),
+            "country": pa.array(np.array(["de", "fr", "us", "jp"])[rng.integers(0, 4, num_users)]),
+        }
+    )
+    dataset = root / "dataset"
+    for side, table in (("items", items), ("users", users)):
+        key = side[:-1]
+        index = pa.array(np.arange(table.num_rows, dtype=np.int64))
+        io.write_table(
+            str(dataset / "features" / f"{side}.parquet"),
+            table.add_column(0, f"{key}_idx", index),
+        )
+        vocab = pa.table(
+            {
+                f"{key}_id": table[f"{key}_id"],
+                f"{key}_idx": index,
+                "count": pa.array(rng.poisson(2.0, table.num_rows).astype(np.int64)),
+            }
+        )
+        io.write_table(str(dataset / "vocab" / f"{side}.parquet"), vocab)
+    return str(dataset)
+
+
+def write_random_model(root: Path, dataset: str, *, seed: int):
+    """A published model dir for ``dataset``: the default preset's towers, random weights."""
+    import torch
+
+    from jobs.config_io import load_config
+    from jobs.train import infer_specs
+    from pipelines.checkpoint import model_payload, write_model_dir
+    from twotower_core.towers import build_two_tower
+
+    config = load_config("default")
+    user_specs, item_specs = infer_specs(dataset, config)
+    num_users = io.count_rows(io.join(dataset, "vocab", "users.parquet"))
+    num_items = io.count_rows(io.join(dataset, "vocab", "items.parquet"))
+    torch.manual_seed(seed)
+    model = build_two_tower(
+        config.model,
+        num_users=num_users,
+        num_items=num_items,
+        user_specs=user_specs,
+        item_specs=item_specs,
+    )
+    payload = model_payload(
+        model.state_dict(),
+        config=config,
+        user_specs=user_specs,
+        item_specs=item_specs,
+        num_users=num_users,
+        num_items=num_items,
+    )
+    out = str(root / "model")
+    with io.staged_output(out) as staging:
+        write_model_dir(
+            staging,
+            payload=payload,
+            config=config,
+            dataset_dir=dataset,
+            metrics={"best": {}, "epochs": []},
+            train_log_csv="",
+        )
+    return out, config
+
+
+def plain_loop(model: str, source: str, dest: str, *, batch_size: int) -> dict[str, float]:
+    """One process: pyarrow batches → EmbedBatch with every core as torch threads → ParquetWriter."""
+    from pipelines.embed import EmbedBatch
+
+    started = time.perf_counter()
+    embed = EmbedBatch(model, "items", torch_threads=os.cpu_count() or 1)
+    loaded = time.perf_counter()
+    rows = 0
+    with pq.ParquetFile(source) as reader:
+        writer = None
+        for batch in reader.iter_batches(batch_size=batch_size):
+            out = embed(pa.Table.from_batches([batch]))
+            if writer is None:
+                writer = pq.ParquetWriter(dest, out.schema)
+            writer.write_table(out)
+            rows += out.num_rows
+        writer.close()
+    finished = time.perf_counter()
+    return {
+        "rows": rows,
+        "seconds": finished - started,
+        "startup_seconds": loaded - started,
+        "rows_per_s": rows / (finished - started),
+        "steady_rows_per_s": rows / (finished - loaded),
+    }
+
+
+def ray_job(model: str, dataset: str, out: str, config, *, concurrency: int) -> float:
+    """Seconds the embed job spent on its item side (read → actors → write → checks)."""
+    from jobs import embed
+    from twotower_core.config import config_from_dict, config_to_dict
+
+    settings = config_from_dict(
+        config_to_dict(config), overrides=[f"embed.concurrency={concurrency}"]
+    )
+    result = embed.run(model=model, out=out, dataset=dataset, config=settings, overwrite=True)
+    return result.seconds["items"]
+
+
+def slice_dataset(dataset: str, root: Path, rows: int) -> str:
+    """The first ``rows`` items of ``dataset`` (and all its users), for the startup runs."""
+    small = root / "startup_dataset"
+    for side in ("items", "users"):
+        table = io.read_table(io.join(dataset, "features", f"{side}.parquet"))
+        if side == "items":
+            table = table.slice(0, rows)
+        io.write_table(str(small / "features" / f"{side}.parquet"), table)
+    return str(small)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--items", type=int, default=1_000_000, help="catalog size (default 1M)")
+    parser.add_argument("--users", type=int, default=1000, help="users table size (default 1000)")
+    parser.add_argument(
+        "--batch-size", type=int, default=4096, help="rows per batch (default 4096)"
+    )
+    parser.add_argument(
+        "--concurrency",
+        default="1,2",
+        help="comma-separated actor pool sizes to run, 1 CPU each (default 1,2)",
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="runs per configuration (median)")
+    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray")
+    parser.add_argument("--work-dir", default=None, help="scratch dir (default: a temp dir)")
+    parser.add_argument("--seed", type=int, default=0, help="catalog and weight seed")
+    args = parser.parse_args(argv)
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+
+    root = Path(args.work_dir or tempfile.mkdtemp(prefix="embed_throughput_"))
+    root.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    dataset = write_catalog(root, num_items=args.items, num_users=args.users, seed=args.seed)
+    model, config = write_random_model(root, dataset, seed=args.seed)
+    config_overrides = [f"embed.batch_size={args.batch_size}", "embed.cpus_per_actor=1"]
+    from twotower_core.config import config_from_dict, config_to_dict
+
+    config = config_from_dict(config_to_dict(config), overrides=config_overrides)
+    print(
+        f"catalog: {args.items:,} items, {args.users:,} users; model dim {config.model.embedding_dim} "
+        f"(setup {time.perf_counter() - started:.0f} s, in {root})",
+        flush=True,
+    )
+    source = io.join(dataset, "features", "items.parquet")
+
+    plain_runs = []
+    for repeat in range(args.repeats):
+        plain_runs.append(
+            plain_loop(model, source, str(root / "plain.parquet"), batch_size=args.batch_size)
+        )
+        print(
+            f"plain loop run {repeat + 1}: {plain_runs[-1]['rows_per_s']:,.0f} rows/s", flush=True
+        )
+
+    from jobs.ray_runtime import ensure_ray
+
+    ensure_ray(num_cpus=args.num_cpus)
+    small = slice_dataset(dataset, root, STARTUP_ROWS)
+    ray_results = {}
+    for concurrency in concurrencies:
+        startup = statistics.median(
+            ray_job(model, small, str(root / "ray_small"), config, concurrency=concurrency)
+            for _ in range(min(args.repeats, 2))
+        )
+        runs = []
+        for repeat in range(args.repeats):
+            runs.append(
+                ray_job(model, dataset, str(root / "ray_out"), config, concurrency=concurrency)
+            )
+            print(
+                f"ray, {concurrency} actor(s) run {repeat + 1}: {args.items / runs[-1]:,.0f} rows/s",
+                flush=True,
+            )
+        seconds = statistics.median(runs)
+        ray_results[concurrency] = {
+            "seconds_runs": runs,
+            "seconds": seconds,
+            "startup_seconds": startup,
+            "rows_per_s": args.items / seconds,
+            "steady_rows_per_s": (args.items - STARTUP_ROWS) / max(seconds - startup, 1e-9),
+        }
+
+    agree = outputs_agree(str(root / "plain.parquet"), str(root / "ray_out" / "items"))
+    plain = {
+        key: statistics.median(run[key] for run in plain_runs)
+        for key in ("seconds", "startup_seconds", "rows_per_s", "steady_rows_per_s")
+    }
+    rows = [("plain loop", plain)] + [
+        (f"ray, {c} actor(s)", result) for c, result in ray_results.items()
+    ]
+    print()
+    print(
+        f"embed throughput: {args.items:,} items, batch {args.batch_size}, median of {args.repeats}"
+    )
+    print(
+        f"{'':<20}{'seconds':>9}{'startup s':>11}{'rows/s':>12}{'vs plain':>10}{'steady rows/s':>15}{'vs plain':>10}"
+    )
+    for name, result in rows:
+        print(
+            f"{name:<20}{result['seconds']:>9.1f}{result['startup_seconds']:>11.1f}"
+            f"{result['rows_per_s']:>12,.0f}{result['rows_per_s'] / plain['rows_per_s']:>9.2f}x"
+            f"{result['steady_rows_per_s']:>15,.0f}"
+            f"{result['steady_rows_per_s'] / plain['steady_rows_per_s']:>9.2f}x"
+        )
+    print(f"ray output equals the plain loop's on a sample of ids: {agree}")
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    summary = {
+        "items": args.items,
+        "batch_size": args.batch_size,
+        "repeats": args.repeats,
+        "cpu_count": os.cpu_count(),
+        "load_average": os.getloadavg(),
+        "plain_loop": {**plain, "runs": plain_runs},
+        "ray": {str(c): result for c, result in ray_results.items()},
+        "outputs_agree": agree,
+    }
+    (RESULTS / "embed_throughput.json").write_text(json.dumps(summary, indent=2) + "\n")
+    plot(rows, RESULTS / "embed_throughput.png", items=args.items)
+    print(f"wrote {RESULTS / 'embed_throughput.json'} and .png")
+    return 0
+
+
+def outputs_agree(plain_path: str, ray_path: str, sample: int = 2000) -> bool:
+    plain = pq.read_table(plain_path)
+    ray_table = pq.read_table(ray_path)
+    picks = pa.array(np.random.default_rng(0).choice(plain.num_rows, sample, replace=False))
+    ids = plain["item_id"].take(picks)
+    ray_rows = pa.compute.index_in(ids, value_set=ray_table["item_id"])
+    if ray_rows.null_count:
+        return False
+    dim = plain.schema.field("embedding").type.list_size
+    a = plain["embedding"].take(picks).combine_chunks().flatten().to_numpy().reshape(-1, dim)
+    b = ray_table["embedding"].take(ray_rows).combine_chunks().flatten().to_numpy()
+    return bool(np.allclose(a, b.reshape(-1, dim), atol=1e-5))
+
+
+def plot(rows, path: Path, *, items: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [name for name, _ in rows]
+    total = [result["rows_per_s"] for _, result in rows]
+    steady = [result["steady_rows_per_s"] for _, result in rows]
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.bar(x - 0.2, total, width=0.4, label="end to end")
+    ax.bar(x + 0.2, steady, width=0.4, label="steady (startup removed)")
+    for position, value in zip(x - 0.2, total):
+        ax.text(position, value, f"{value / total[0]:.2f}x", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(x, names)
+    ax.set_ylabel("items embedded per second")
+    ax.set_title(f"embed throughput, {items:,} items ({os.cpu_count()} cores)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -206,14 +206,31 @@ def run_ray(
     logs: str, out: str, overrides: list[str], rows: dict[str, int], *, num_cpus: int
 ) -> RunResult:
     """Start a local Ray and run the build-dataset job, measuring the whole process tree."""
+    import ray
+
     from jobs import build_dataset as job
     from jobs.config_io import load_config
-    from jobs.ray_runtime import ensure_ray
+    from jobs.ray_runtime import DEFAULT_OBJECT_STORE_BYTES
 
     config = load_config(None, overrides)
     with TreeMemorySampler(os.getpid()) as memory:
         started = time.perf_counter()
-        ensure_ray(num_cpus=num_cpus)
+        if not ray.is_initialized():
+            # A loaded 2-core machine can take longer than the default 10 s to start a raylet.
+            os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")
+            # As jobs.ray_runtime.ensure_ray starts it, except that idle workers are kept:
+            # Ray Data runs reads, shuffle maps and shuffle reduces in three worker pools, and
+            # by default workers beyond num_cpus are killed after 1 s idle, so every run
+            # would start (and import into) a dozen fresh processes.
+            ray.init(
+                num_cpus=num_cpus,
+                object_store_memory=DEFAULT_OBJECT_STORE_BYTES,
+                include_dashboard=False,
+                _system_config={
+                    "idle_worker_killing_time_threshold_ms": 600_000,
+                    "num_workers_soft_limit": 4 * num_cpus,
+                },
+            )
         startup = time.perf_counter() - started
         started = time.perf_counter()
         result = job.run(logs=logs, out=out, config=config, overwrite=True)
@@ -349,11 +366,13 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_polars:
         print("polars build ...", flush=True)
         results.append(run_polars(logs, str(work_dir / "out-polars"), overrides, rows))
+        print(json.dumps(asdict(results[-1])), flush=True)
     for run in range(args.ray_runs):
         print(f"ray build {run + 1}/{args.ray_runs} ...", flush=True)
         result = run_ray(logs, str(work_dir / "out-ray"), overrides, rows, num_cpus=args.num_cpus)
         result.engine += " cold" if run == 0 else " warm"
         results.append(result)
+        print(json.dumps(asdict(result)), flush=True)
     if args.skip_polars:
         print(json.dumps([asdict(r) for r in results], indent=2))
         return 0

@@ -3,8 +3,8 @@
 Both embed the same catalog (≥ 1M items by default) with the same randomly initialised model
 dir (the default preset's towers) at the same batch size, through the same per-batch function
 (``EmbedBatch``: id lookup, feature encoding, tower forward, NaN/Inf check). The plain loop
-reads the Parquet file batch by batch with pyarrow, runs the tower in this process with every
-core as torch threads, and writes with a ``pyarrow.parquet.ParquetWriter``: no Ray at all. The
+reads the Parquet file batch by batch with pyarrow, runs the tower in this process
+(--plain-threads torch threads) and writes with a ``pyarrow.parquet.ParquetWriter``: no Ray. The
 Ray side is the ``twotower embed`` job itself (``jobs.embed.run``: read → actor pool → write,
 then the footer checks); its item side is timed.
 
@@ -133,12 +133,14 @@ def write_random_model(root: Path, dataset: str, *, seed: int):
     return out, config
 
 
-def plain_loop(model: str, source: str, dest: str, *, batch_size: int) -> dict[str, float]:
-    """One process: pyarrow batches → EmbedBatch with every core as torch threads → ParquetWriter."""
-    from pipelines.embed import EmbedBatch
+def plain_loop(
+    model: str, source: str, dest: str, *, batch_size: int, torch_threads: int
+) -> dict[str, float]:
+    """One process: pyarrow batches → EmbedBatch → ParquetWriter."""
+    from pipelines.embed import PARQUET_WRITE_OPTIONS, EmbedBatch
 
     started = time.perf_counter()
-    embed = EmbedBatch(model, "items", torch_threads=os.cpu_count() or 1)
+    embed = EmbedBatch(model, "items", torch_threads=torch_threads)
     loaded = time.perf_counter()
     rows = 0
     with pq.ParquetFile(source) as reader:
@@ -146,7 +148,7 @@ def plain_loop(model: str, source: str, dest: str, *, batch_size: int) -> dict[s
         for batch in reader.iter_batches(batch_size=batch_size):
             out = embed(pa.Table.from_batches([batch]))
             if writer is None:
-                writer = pq.ParquetWriter(dest, out.schema)
+                writer = pq.ParquetWriter(dest, out.schema, **PARQUET_WRITE_OPTIONS)
             writer.write_table(out)
             rows += out.num_rows
         writer.close()
@@ -195,9 +197,20 @@ def main(argv: list[str] | None = None) -> int:
         default="1,2",
         help="comma-separated actor pool sizes to run, 1 CPU each (default 1,2)",
     )
+    parser.add_argument(
+        "--plain-threads",
+        type=int,
+        default=1,
+        help="torch threads of the plain loop (default 1: on a small shared machine more "
+        "threads than idle cores make OpenMP spin; the per-batch work is small)",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="runs per configuration (median)")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray")
-    parser.add_argument("--work-dir", default=None, help="scratch dir (default: a temp dir)")
+    parser.add_argument(
+        "--work-dir",
+        default=None,
+        help="scratch dir (default: a temp dir); a catalog and model of the same size there are reused",
+    )
     parser.add_argument("--seed", type=int, default=0, help="catalog and weight seed")
     args = parser.parse_args(argv)
     concurrencies = [int(c) for c in args.concurrency.split(",")]
@@ -205,8 +218,20 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.work_dir or tempfile.mkdtemp(prefix="embed_throughput_"))
     root.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    dataset = write_catalog(root, num_items=args.items, num_users=args.users, seed=args.seed)
-    model, config = write_random_model(root, dataset, seed=args.seed)
+    dataset, model = str(root / "dataset"), str(root / "model")
+    reuse = (
+        io.is_complete(model)
+        and io.count_rows(io.join(dataset, "features", "items.parquet")) == args.items
+    )
+    if reuse:
+        from pipelines.checkpoint import load_config_of
+
+        config = load_config_of(model)
+    else:
+        if io.exists(model):
+            io.remove(model)
+        dataset = write_catalog(root, num_items=args.items, num_users=args.users, seed=args.seed)
+        model, config = write_random_model(root, dataset, seed=args.seed)
     config_overrides = [f"embed.batch_size={args.batch_size}", "embed.cpus_per_actor=1"]
     from twotower_core.config import config_from_dict, config_to_dict
 
@@ -221,7 +246,13 @@ def main(argv: list[str] | None = None) -> int:
     plain_runs = []
     for repeat in range(args.repeats):
         plain_runs.append(
-            plain_loop(model, source, str(root / "plain.parquet"), batch_size=args.batch_size)
+            plain_loop(
+                model,
+                source,
+                str(root / "plain.parquet"),
+                batch_size=args.batch_size,
+                torch_threads=args.plain_threads,
+            )
         )
         print(
             f"plain loop run {repeat + 1}: {plain_runs[-1]['rows_per_s']:,.0f} rows/s", flush=True
@@ -285,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         "batch_size": args.batch_size,
         "repeats": args.repeats,
         "cpu_count": os.cpu_count(),
+        "plain_threads": args.plain_threads,
         "load_average": os.getloadavg(),
         "plain_loop": {**plain, "runs": plain_runs},
         "ray": {str(c): result for c, result in ray_results.items()},

@@ -736,6 +736,8 @@ def fit_in_process(
 
     t = config.train
     torch.manual_seed(t.seed)
+    # One intra-op thread: the step is small, and on a shared machine more threads only spin.
+    torch.set_num_threads(t.torch_threads or 1)
     user_specs, item_specs = infer_specs(dataset, config)
     user_table, item_table, num_users, num_items, counts = load_entity_tables(
         dataset, user_specs, item_specs
@@ -895,12 +897,13 @@ def tune_two_tower(
     max_epochs: int,
     patience: int,
     engine: str = "in-process",
+    on_result: Callable[[str, dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Train each candidate (overrides on the protocol's config) on the validation split.
 
     Each run early-stops on the protocol's tuning metric; its best epoch is what the final
     config's ``train.epochs`` should be. ``engine`` is ``in-process`` (``fit_in_process``, fast)
-    or ``ray`` (the training job itself).
+    or ``ray`` (the training job itself). ``on_result(name, result)`` runs after each candidate.
     """
     if engine not in TUNE_ENGINES:
         raise ValueError(f"unknown tuning engine {engine!r}; valid: {', '.join(TUNE_ENGINES)}")
@@ -957,6 +960,8 @@ def tune_two_tower(
             + f" ({results[name]['seconds']:.0f} s)",
             flush=True,
         )
+        if on_result is not None:
+            on_result(name, results[name])
     return results
 
 
@@ -1097,10 +1102,17 @@ def main(argv: list[str] | None = None) -> int:
 def _tune_main(ml: MovieLens, args: argparse.Namespace, work_dir: str) -> int:
     candidates = {group[0]: list(group[1:]) for group in args.candidate} or {"base": []}
     out = Path(args.out or RESULTS / "movielens_tuning").with_suffix(".json")
-    # Runs accumulate across invocations: the file is the log of everything tried.
+    # Runs accumulate across invocations: the file is the log of everything tried, written after
+    # every candidate so an interrupted search keeps what it found.
     log = json.loads(out.read_text()) if out.exists() else {}
+    out.parent.mkdir(parents=True, exist_ok=True)
     for name in args.protocols:
-        results = tune_two_tower(
+
+        def record(candidate: str, result: dict[str, Any], protocol_name: str = name) -> None:
+            log.setdefault(protocol_name, {})[candidate] = result
+            out.write_text(json.dumps(log, indent=2))
+
+        tune_two_tower(
             ml,
             PROTOCOLS[name],
             candidates,
@@ -1109,10 +1121,8 @@ def _tune_main(ml: MovieLens, args: argparse.Namespace, work_dir: str) -> int:
             max_epochs=args.max_epochs,
             patience=args.patience,
             engine=args.tune_engine,
+            on_result=record,
         )
-        log.setdefault(name, {}).update(results)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(log, indent=2))
     print(f"wrote {out}")
     return 0
 

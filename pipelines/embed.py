@@ -33,6 +33,12 @@ SIDES: dict[str, str] = {"users": "user_id", "items": "item_id"}
 EMBEDDING_COLUMN = "embedding"
 MANIFEST_FILE = "manifest.json"
 EMPTY_PART = "part-empty.parquet"
+# Unique ids and random floats gain nothing from dictionary pages; building and then dropping
+# them was about two thirds of the Parquet write time of an embedding table.
+PARQUET_WRITE_OPTIONS: dict[str, Any] = {"use_dictionary": False}
+# Blocks handed to the actors: whole batches, a few per actor, bounded in size.
+BLOCKS_PER_ACTOR = 4
+MAX_ROWS_PER_BLOCK = 262_144
 
 
 class EmbeddingValidationError(ValueError):
@@ -88,7 +94,11 @@ class IdIndex:
         if not len(self.sorted_V):
             return np.full(len(ids), -1, dtype=np.int64)
         ids_B = _sortable(ids)
-        positions_B = np.minimum(np.searchsorted(self.sorted_V, ids_B), len(self.sorted_V) - 1)
+        # Searching for sorted keys walks the vocab in one direction: about 2x faster.
+        order_B = np.argsort(ids_B, kind="stable")
+        positions_B = np.empty(len(ids_B), dtype=np.int64)
+        positions_B[order_B] = np.searchsorted(self.sorted_V, ids_B[order_B])
+        positions_B = np.minimum(positions_B, len(self.sorted_V) - 1)
         found_B = self.sorted_V[positions_B] == ids_B
         return np.where(found_B, self.order_V[positions_B], -1).astype(np.int64)
 
@@ -175,6 +185,17 @@ def check_pool_fits(*, concurrency: int, cpus_per_actor: float, cluster_cpus: fl
         )
 
 
+def rows_per_block(num_rows: int, *, batch_size: int, concurrency: int) -> int:
+    """Rows per Ray Data block: about ``BLOCKS_PER_ACTOR`` blocks per actor, a multiple of
+    ``batch_size``, at most ``MAX_ROWS_PER_BLOCK`` (unless one batch is larger).
+
+    Blocks of one batch each cost a task, an object and a file apiece (1M items took twice as
+    long); one block for the whole table would leave all but one actor idle.
+    """
+    target = min(-(-num_rows // (BLOCKS_PER_ACTOR * concurrency)), MAX_ROWS_PER_BLOCK)
+    return max(1, -(-target // batch_size)) * batch_size
+
+
 def embed_with_ray(
     source: str,
     dest: str,
@@ -196,7 +217,10 @@ def embed_with_ray(
     dataset = ray.data.read_parquet(source)
     # A catalog is often one file with one huge row group, i.e. one block: split it so that
     # every actor of the pool gets work.
-    dataset = dataset.repartition(target_num_rows_per_block=batch_size)
+    block_rows = rows_per_block(
+        io.count_rows(source), batch_size=batch_size, concurrency=concurrency
+    )
+    dataset = dataset.repartition(target_num_rows_per_block=block_rows)
     (
         dataset.map_batches(
             embed_class,
@@ -210,7 +234,7 @@ def embed_with_ray(
             compute=ray.data.ActorPoolStrategy(size=concurrency),
             num_cpus=cpus_per_actor,
             num_gpus=1 if use_gpu else 0,
-        ).write_parquet(dest)
+        ).write_parquet(dest, **PARQUET_WRITE_OPTIONS)
     )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 RAY_NUM_CPUS = 4
@@ -13,16 +15,25 @@ def ray_local():
     """A local Ray started once per test session (4 logical CPUs, 300 MB object store).
 
     Tests that need Ray take this fixture; job code then finds Ray initialised and joins it.
+    Idle workers are kept for a while: Ray Data runs reads, shuffle maps and shuffle reduces
+    in separate worker pools, and with the default (kill idle workers beyond num_cpus after
+    1 s) every test would start and import into a dozen fresh processes.
     """
     import ray
 
     started_here = not ray.is_initialized()
     if started_here:
+        # A loaded machine can take longer than the default 10 s to register the raylet.
+        os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")
         ray.init(
             num_cpus=RAY_NUM_CPUS,
             object_store_memory=RAY_OBJECT_STORE_BYTES,
             include_dashboard=False,
             log_to_driver=False,
+            _system_config={
+                "idle_worker_killing_time_threshold_ms": 300_000,
+                "num_workers_soft_limit": 3 * RAY_NUM_CPUS,
+            },
         )
     yield ray
     if started_here:

@@ -22,6 +22,7 @@ from pipelines.embed import (
     embedding_type,
     from_embedding_array,
     output_schema,
+    rows_per_block,
     to_embedding_array,
 )
 from pipelines.features import build_feature_table
@@ -224,6 +225,21 @@ def test_manifest(similarity, normalize, metric, normalized):
     assert manifest["counts"] == {"users": 3, "items": 5}
     assert manifest["id_types"] == {"users": "int64", "items": "string"}
     assert {"model", "dataset", "created_at"} <= set(manifest)
+
+
+@pytest.mark.parametrize(
+    "num_rows, batch_size, concurrency, expected",
+    [
+        (1_000_000, 4096, 1, 62 * 4096),  # 1M / 4 blocks = 250,000 -> 62 whole batches
+        (1_000_000, 4096, 2, 31 * 4096),  # 125,000 -> 31 batches
+        (10_000_000, 4096, 1, 262_144),  # capped: 64 batches
+        (100, 4096, 2, 4096),  # never less than one batch
+        (0, 32, 1, 32),
+        (1_000_000, 500_000, 1, 500_000),  # a batch larger than the cap wins
+    ],
+)
+def test_rows_per_block(num_rows, batch_size, concurrency, expected):
+    assert rows_per_block(num_rows, batch_size=batch_size, concurrency=concurrency) == expected
 
 
 def test_a_pool_that_takes_every_cpu_is_refused():

@@ -190,3 +190,29 @@ def test_unpublished_or_inconsistent_dirs_are_refused(published, tmp_path):
     io.write_table(io.join(path, "items", "part-0.parquet"), doubled)
     with pytest.raises(EmbeddingValidationError, match="manifest says normalized"):
         load_embeddings(path)
+
+
+@pytest.mark.parametrize("id_type", ["int", "string"])
+@pytest.mark.parametrize("similarity", ["dot", "euclidean"])
+def test_docs_snippets_rank_like_brute_force(published, similarity, id_type, tmp_path, monkeypatch):
+    """The FAISS and polars snippets of docs/consuming_embeddings.md run as written and find
+    the brute-force top 20 of the first user."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parents[2] / "docs" / "consuming_embeddings.md").read_text()
+    snippets = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert len(snippets) == 2
+    (tmp_path / "embeddings").symlink_to(published[similarity, id_type])
+    monkeypatch.chdir(tmp_path)
+    tables = load_embeddings(published[similarity, id_type])
+    first_user = io.read_table(io.join(published[similarity, id_type], "users"))["user_id"][0]
+    query_1D = tables.users.vectors_of([first_user.as_py()], what="users")
+    expected = brute_force_top_k(query_1D, tables.items, similarity=similarity, k=20).ids[0]
+    for snippet in snippets:
+        namespace: dict = {}
+        exec(snippet, namespace)
+        top = namespace["top_items"] if "top_items" in namespace else None
+        if top is None:  # the polars snippet
+            top = namespace["items"]["item_id"].gather(namespace["top"]).to_list()
+        assert top == expected

@@ -67,6 +67,19 @@ def _tree(root: int) -> list[int]:
     return found
 
 
+def _name(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            parts = cmdline.read().split(b"\0")
+    except OSError:
+        return "?"
+    first = parts[0].decode(errors="replace")
+    if first.startswith("ray::"):
+        return first.split("(")[0].split(".")[0]
+    script = next((p.decode() for p in parts[1:] if p.endswith(b".py")), "")
+    return os.path.basename(script or first)
+
+
 def _memory_kib(pid: int) -> tuple[int, int]:
     """(PSS, RSS) of one process in KiB; (0, 0) when it is gone."""
     pss = rss = 0
@@ -88,6 +101,7 @@ class TreeMemorySampler:
     def __init__(self, root: int, interval_s: float = 0.25) -> None:
         self.root, self.interval_s = root, interval_s
         self.peak_pss_kib = self.peak_rss_kib = self.peak_processes = 0
+        self.at_peak: list[tuple[int, str]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -95,10 +109,23 @@ class TreeMemorySampler:
         while not self._stop.is_set():
             pids = _tree(self.root)
             totals = [_memory_kib(pid) for pid in pids]
-            self.peak_pss_kib = max(self.peak_pss_kib, sum(t[0] for t in totals))
+            pss = sum(t[0] for t in totals)
+            if pss > self.peak_pss_kib:
+                self.peak_pss_kib = pss
+                self.at_peak = sorted(
+                    ((t[0], _name(pid)) for pid, t in zip(pids, totals)), reverse=True
+                )
             self.peak_rss_kib = max(self.peak_rss_kib, sum(t[1] for t in totals))
             self.peak_processes = max(self.peak_processes, len(pids))
             self._stop.wait(self.interval_s)
+
+    def peak_breakdown(self, top: int = 8) -> str:
+        """The processes' PSS at the peak, largest first, grouped by process name."""
+        grouped: dict[str, list[int]] = {}
+        for pss, name in self.at_peak:
+            grouped.setdefault(name, []).append(pss)
+        rows = sorted(grouped.items(), key=lambda kv: -sum(kv[1]))[:top]
+        return ", ".join(f"{name} x{len(v)}: {sum(v) / 1024**2:.2f}" for name, v in rows)
 
     def __enter__(self) -> TreeMemorySampler:
         self._thread.start()
@@ -124,6 +151,7 @@ class RunResult:
     peak_pss_gib: float
     peak_rss_gib: float
     peak_processes: int
+    peak_breakdown: str = ""
 
     @property
     def rows_per_second(self) -> float:
@@ -199,18 +227,24 @@ def run_polars(logs: str, out: str, overrides: list[str], rows: dict[str, int]) 
         peak_pss_gib=memory.peak_pss_kib / 1024**2,
         peak_rss_gib=memory.peak_rss_kib / 1024**2,
         peak_processes=memory.peak_processes,
+        peak_breakdown=memory.peak_breakdown(),
     )
 
 
 def run_ray(
-    logs: str, out: str, overrides: list[str], rows: dict[str, int], *, num_cpus: int
+    logs: str,
+    out: str,
+    overrides: list[str],
+    rows: dict[str, int],
+    *,
+    num_cpus: int,
+    object_store_bytes: int,
 ) -> RunResult:
     """Start a local Ray and run the build-dataset job, measuring the whole process tree."""
     import ray
 
     from jobs import build_dataset as job
     from jobs.config_io import load_config
-    from jobs.ray_runtime import DEFAULT_OBJECT_STORE_BYTES
 
     config = load_config(None, overrides)
     with TreeMemorySampler(os.getpid()) as memory:
@@ -224,7 +258,7 @@ def run_ray(
             # would start (and import into) a dozen fresh processes.
             ray.init(
                 num_cpus=num_cpus,
-                object_store_memory=DEFAULT_OBJECT_STORE_BYTES,
+                object_store_memory=object_store_bytes,
                 include_dashboard=False,
                 _system_config={
                     "idle_worker_killing_time_threshold_ms": 600_000,
@@ -245,6 +279,7 @@ def run_ray(
         peak_pss_gib=memory.peak_pss_kib / 1024**2,
         peak_rss_gib=memory.peak_rss_kib / 1024**2,
         peak_processes=memory.peak_processes,
+        peak_breakdown=memory.peak_breakdown(),
     )
 
 
@@ -289,6 +324,8 @@ def print_table(results: list[RunResult], *, identical: bool) -> None:
     )
     peak = max(r.peak_pss_gib for r in rays)
     print(f"ray peak memory (PSS, whole process tree): {peak:.2f} GiB (target < 4 GiB)")
+    for r in results:
+        print(f"peak PSS by process, GiB ({r.engine}): {r.peak_breakdown}")
     print(f"same train and eval rows: {'yes' if identical else 'NO'}")
 
 
@@ -331,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         "--partitions",
         type=int,
         default=None,
-        help="dataset.num_partitions (default: one per 500k input log rows, at least 8)",
+        help="dataset.num_partitions (default: one per 250k input log rows, at least 8)",
     )
     parser.add_argument(
         "--ray-runs",
@@ -343,8 +380,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--num-cpus",
         type=int,
-        default=max(4, os.cpu_count() or 1),
-        help="logical CPUs of the local Ray",
+        default=os.cpu_count() or 1,
+        help="logical CPUs of the local Ray (default: the machine's cores)",
+    )
+    parser.add_argument(
+        "--object-store-mb",
+        type=int,
+        default=1024,
+        help="object store of the local Ray in MiB (default 1024, as jobs.ray_runtime)",
     )
     parser.add_argument(
         "--work-dir", default="/tmp/twotower-bench/build_dataset", help="logs and outputs go here"
@@ -358,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     logs, rows = ensure_world(spec, work_dir)
     print(f"logs: {logs} {rows}", flush=True)
     input_rows = sum(rows[t] for t in LOG_TABLES)
-    partitions = args.partitions or max(8, -(-input_rows // 500_000))
+    partitions = args.partitions or max(8, -(-input_rows // 250_000))
     overrides = [f"dataset.seed={args.seed}", f"dataset.num_partitions={partitions}"]
     print(f"{partitions} partitions", flush=True)
 
@@ -369,7 +412,14 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(asdict(results[-1])), flush=True)
     for run in range(args.ray_runs):
         print(f"ray build {run + 1}/{args.ray_runs} ...", flush=True)
-        result = run_ray(logs, str(work_dir / "out-ray"), overrides, rows, num_cpus=args.num_cpus)
+        result = run_ray(
+            logs,
+            str(work_dir / "out-ray"),
+            overrides,
+            rows,
+            num_cpus=args.num_cpus,
+            object_store_bytes=args.object_store_mb * 1024**2,
+        )
         result.engine += " cold" if run == 0 else " warm"
         results.append(result)
         print(json.dumps(asdict(result)), flush=True)

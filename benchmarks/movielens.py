@@ -136,8 +136,10 @@ def read_atomic_file(path: str | Path) -> pl.DataFrame:
         "float_seq": pl.List(pl.Float64),
     }
     return pl.DataFrame(
-        {name: pl.Series(name, column, dtype=dtypes[kind]) for name, kind, column in
-         zip(names, kinds, columns)}  # fmt: skip
+        {
+            name: pl.Series(name, column, dtype=dtypes[kind])
+            for name, kind, column in zip(names, kinds, columns)
+        }  # fmt: skip
     )
 
 
@@ -627,7 +629,9 @@ def write_dataset(
         io.write_table(io.join(staging, "eval", "part-00000.parquet"), eval_table)
         io.write_table(io.join(staging, "vocab", USERS_FILE), user_vocab)
         io.write_table(io.join(staging, "vocab", ITEMS_FILE), item_vocab)
-        io.write_table(io.join(staging, "features", USERS_FILE), user_features(ml, split).to_arrow())
+        io.write_table(
+            io.join(staging, "features", USERS_FILE), user_features(ml, split).to_arrow()
+        )
         io.write_table(io.join(staging, "features", ITEMS_FILE), ml.items.to_arrow())
         io.write_json(io.join(staging, MANIFEST_FILE), manifest)
     return manifest
@@ -660,6 +664,25 @@ def model_vectors(loaded, dataset: str) -> tuple[np.ndarray, np.ndarray]:
     user_UD = embed_all(loaded.model.user_tower, user_table, np.arange(users.num_rows))
     item_ID = embed_all(loaded.model.item_tower, item_table, np.arange(items.num_rows))
     return user_UD.numpy(), item_ID.numpy()
+
+
+def start_ray(*, attempts: int = 5) -> None:
+    """``jobs.ray_runtime.ensure_ray()``, retried: on a loaded machine a local Ray can miss its
+    fixed 30 s startup deadline, and a later try usually makes it."""
+    import ray
+
+    from jobs.ray_runtime import ensure_ray
+
+    for attempt in range(1, attempts + 1):
+        try:
+            ensure_ray()
+            return
+        except Exception as error:  # ray raises a bare Exception on a startup timeout
+            ray.shutdown()
+            if attempt == attempts:
+                raise
+            print(f"Ray did not start ({error}); retrying ({attempt}/{attempts})", flush=True)
+            time.sleep(10 * attempt)
 
 
 def with_overrides(config: Config, overrides: Sequence[str]) -> Config:
@@ -974,7 +997,9 @@ def plus_minus(mean: float, std: float) -> str:
 
 
 def table(results: dict[str, Any], *, num_seeds: int) -> str:
-    lines = [f"MovieLens-100K, full catalog, train items excluded (mean ± std over {num_seeds} seeds)"]
+    lines = [
+        f"MovieLens-100K, full catalog, train items excluded (mean ± std over {num_seeds} seeds)"
+    ]
     for name, run in results.items():
         proto = PROTOCOLS[name]
         lines.append(
@@ -1068,9 +1093,7 @@ def main(argv: list[str] | None = None) -> int:
     ml = load_ml100k(directory)
     print(f"ML-100K: {ml.ratings.height:,} ratings, {ml.num_users} users, {ml.num_items} items")
     if (args.tune and args.tune_engine == "ray") or (not args.tune and "two_tower" in args.models):
-        from jobs.ray_runtime import ensure_ray
-
-        ensure_ray()
+        start_ray()
     work_dir = tempfile.mkdtemp(prefix="twotower-ml100k-")
     try:
         if args.tune:
@@ -1103,12 +1126,13 @@ def _tune_main(ml: MovieLens, args: argparse.Namespace, work_dir: str) -> int:
     candidates = {group[0]: list(group[1:]) for group in args.candidate} or {"base": []}
     out = Path(args.out or RESULTS / "movielens_tuning").with_suffix(".json")
     # Runs accumulate across invocations: the file is the log of everything tried, written after
-    # every candidate so an interrupted search keeps what it found.
-    log = json.loads(out.read_text()) if out.exists() else {}
+    # every candidate so an interrupted search keeps what it found. It is read afresh each time
+    # because two searches (p1 and p2) may share it.
     out.parent.mkdir(parents=True, exist_ok=True)
     for name in args.protocols:
 
         def record(candidate: str, result: dict[str, Any], protocol_name: str = name) -> None:
+            log = json.loads(out.read_text()) if out.exists() else {}
             log.setdefault(protocol_name, {})[candidate] = result
             out.write_text(json.dumps(log, indent=2))
 

@@ -39,6 +39,7 @@ def run_seed(
     seed: int, config: Config, *, scratch: str, users: int, items: int, days: int
 ) -> dict[str, Any]:
     """One world: generate → build → train → score the eval day. Returns metrics per model."""
+    from benchmarks.movielens import model_vectors
     from jobs import build_dataset, train
     from jobs.demo import oracle_vectors
     from pipelines import io
@@ -67,7 +68,9 @@ def run_seed(
         "popularity": evaluate_popularity(dataset, ks=ks),
     }
     oracle_users, oracle_items = oracle_vectors(logs, dataset)
-    metrics["oracle"] = evaluate_vectors(oracle_users, oracle_items, dataset, similarity="dot", ks=ks)
+    metrics["oracle"] = evaluate_vectors(
+        oracle_users, oracle_items, dataset, similarity="dot", ks=ks
+    )
     counts = built.manifest["counts"]
     io.remove(str(root))
     return {
@@ -80,23 +83,6 @@ def run_seed(
         "eval_positives": counts["eval_positives"],
         "seconds": seconds,
     }
-
-
-def model_vectors(loaded, dataset: str):
-    """([U, D], [I, D]) numpy embeddings of every user and item of ``dataset``, by dense index."""
-    import numpy as np
-
-    from pipelines import io
-    from pipelines.features import build_feature_table
-    from pipelines.train_loop import embed_all
-
-    users = io.read_table(io.join(dataset, "features", "users.parquet"))
-    items = io.read_table(io.join(dataset, "features", "items.parquet"))
-    user_table = build_feature_table(users, loaded.user_specs)
-    item_table = build_feature_table(items, loaded.item_specs)
-    user_UD = embed_all(loaded.model.user_tower, user_table, np.arange(users.num_rows))
-    item_ID = embed_all(loaded.model.item_tower, item_table, np.arange(items.num_rows))
-    return user_UD.numpy(), item_ID.numpy()
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -120,9 +106,7 @@ def table(summary: dict[str, Any], *, num_seeds: int) -> str:
         f"{'model':<12}" + "".join(f"{metric:>20}" for metric in REPORTED_METRICS),
     ]
     for model in MODELS:
-        cells = "".join(
-            f"{f'{mean:.4f} ± {std:.4f}':>20}" for mean, std in summary[model].values()
-        )
+        cells = "".join(f"{f'{mean:.4f} ± {std:.4f}':>20}" for mean, std in summary[model].values())
         lines.append(f"{model:<12}{cells}")
     ratio, ratio_std = summary["ratio_to_oracle"]
     verdict = "meets" if ratio >= TARGET_RATIO else "misses"
@@ -167,7 +151,9 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_config_arguments(parser)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="world and train seeds")
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[0, 1, 2], help="world and train seeds"
+    )
     parser.add_argument("--users", type=int, default=2000, help="synthetic users (default 2000)")
     parser.add_argument("--items", type=int, default=1000, help="catalog size (default 1000)")
     parser.add_argument("--days", type=int, default=7, help="days; the last is eval (default 7)")
@@ -179,9 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     base = load_config(args.config or "default", args.overrides)
 
-    from jobs.ray_runtime import ensure_ray
+    from benchmarks.movielens import start_ray
 
-    ensure_ray()
+    start_ray()
     scratch = tempfile.mkdtemp(prefix="twotower-synthetic-")
     runs = []
     try:

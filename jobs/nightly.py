@@ -54,6 +54,8 @@ OPERATIONAL_KEYS = frozenset(
         "train.cpus_per_worker",
         "train.use_gpu",
         "train.torch_threads",
+        "train.max_failures",
+        "train.checkpoint_every_steps",
         "embed.batch_size",
         "embed.concurrency",
         "embed.cpus_per_actor",
@@ -235,6 +237,7 @@ def _step_train(run: _Run) -> dict[str, Any]:
         "init_from_run": previous if metrics.get("init_from") else None,
         "best_epoch": metrics.get("best_epoch"),
         "global_step": metrics.get("global_step"),
+        "resumed_at_steps": metrics.get("resumed_at_steps", []),
         "best": metrics.get("best", {}),
     }
 
@@ -404,6 +407,83 @@ def _check_record(
         )
 
 
+def _open_record(
+    paths: runs.RunPaths, *, logs: str, config: Config, force: bool
+) -> dict[str, Any] | None:
+    """The run's record, after --force cleared the run or a rerun's settings were checked."""
+    record = runs.read_run_record(paths)
+    if force and (record is not None or runs.finished_steps(paths)):
+        if runs.read_latest(paths.root) == paths.run_id:
+            raise ValueError(
+                f"run {paths.run_id} is the published run (LATEST names it): --force would "
+                "replace live outputs; publish a later day first"
+            )
+        logger.info("--force: removing run %s", paths.run_id)
+        runs.clear_run(paths)
+        return None
+    if record is not None:
+        _check_record(paths, record, logs=logs, config=config)
+    return record
+
+
+def _start_attempt(
+    paths: runs.RunPaths, record: dict[str, Any] | None, *, logs: str, config: Config
+) -> list[str]:
+    """Record this attempt, clear what a killed one left, and say which steps are done."""
+    if record is None:
+        record = {
+            "run_id": paths.run_id,
+            "logs": logs,
+            "config": config_to_dict(config),
+            "created_at": io.utc_now(),
+            "attempts": [],
+        }
+    done = runs.finished_steps(paths)
+    record["attempts"].append(
+        {
+            "started_at": io.utc_now(),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "resumed_after": done[-1] if done else None,
+        }
+    )
+    runs.write_run_record(paths, record)
+    leftovers = runs.remove_leftovers(paths)
+    if leftovers:
+        logger.info("removed leftovers of an interrupted attempt: %s", ", ".join(leftovers))
+    if done:
+        logger.info("resuming run %s after step %s", paths.run_id, done[-1])
+    return done
+
+
+def _run_steps(context: _Run, done: list[str]) -> NightlyResult:
+    """Every step without a marker, in order; a refusing gate ends the run with its report."""
+    paths, config = context.paths, context.config
+    steps_run: list[str] = []
+    for step in runs.STEPS:
+        if step in done:
+            continue
+        logger.info("run %s: %s", paths.run_id, step)
+        started = time.perf_counter()
+        marker = STEP_FUNCTIONS[step](context)
+        marker["seconds"] = round(time.perf_counter() - started, 3)
+        runs.write_marker(paths, step, marker)
+        steps_run.append(step)
+        if step == "gate" and not marker["passed"]:
+            from pipelines.report import write_report
+
+            write_report(
+                paths.root,
+                paths.run_id,
+                gate_metric=config.nightly.gate_metric,
+                floor=config.nightly.gate_floor,
+                latest=runs.read_latest(paths.root),
+            )
+            return _result(paths, GATED, steps_run)
+    removed = tuple(runs.read_marker(paths, "publish").get("removed_runs", ()))
+    return _result(paths, PUBLISHED, steps_run, removed)
+
+
 def run(
     *,
     logs: str,
@@ -414,7 +494,7 @@ def run(
     force: bool = False,
     cold_start: bool = False,
 ) -> NightlyResult:
-    """Run (or resume, or confirm) the nightly for one day. Inputs, config and the lock are
+    """Run, resume or confirm the nightly for one day. The config, the logs and the lock are
     checked before any Ray work starts."""
     run_id = runs.validate_run_id(date or default_run_date())
     config = nightly_config(config, run_id)
@@ -423,72 +503,16 @@ def run(
     check_logs(logs, run_id)
 
     with runs.RunLock(paths.lock, what=f"nightly run {run_id} under {paths.root}"):
-        record = runs.read_run_record(paths)
-        if force and (record is not None or runs.finished_steps(paths)):
-            if runs.read_latest(paths.root) == run_id:
-                raise ValueError(
-                    f"run {run_id} is the published run (LATEST names it): --force would replace "
-                    "live outputs; publish a later day first"
-                )
-            logger.info("--force: removing run %s", run_id)
-            runs.clear_run(paths)
-            record = None
-        if record is not None:
-            _check_record(paths, record, logs=logs, config=config)
-            status = _finished_status(paths)
-            if status is not None:
-                logger.info("run %s already %s; nothing to do", run_id, status)
-                return _result(paths, status, [])
-        else:
-            record = {
-                "run_id": run_id,
-                "logs": logs,
-                "config": config_to_dict(config),
-                "created_at": io.utc_now(),
-                "attempts": [],
-            }
-        done = runs.finished_steps(paths)
-        record["attempts"].append(
-            {
-                "started_at": io.utc_now(),
-                "host": socket.gethostname(),
-                "pid": os.getpid(),
-                "resumed_after": done[-1] if done else None,
-            }
-        )
-        runs.write_run_record(paths, record)
-        leftovers = runs.remove_leftovers(paths)
-        if leftovers:
-            logger.info("removed leftovers of an interrupted attempt: %s", ", ".join(leftovers))
-        if done:
-            logger.info("resuming run %s after step %s", run_id, done[-1])
-
+        record = _open_record(paths, logs=logs, config=config, force=force)
+        finished = _finished_status(paths) if record is not None else None
+        if finished is not None:
+            logger.info("run %s already %s; nothing to do", run_id, finished)
+            return _result(paths, finished, [])
+        done = _start_attempt(paths, record, logs=logs, config=config)
         context = _Run(
             paths=paths, logs=logs, config=config, address=address, cold_start=cold_start
         )
-        steps_run: list[str] = []
-        for step in runs.STEPS:
-            if step in done:
-                continue
-            logger.info("run %s: %s", run_id, step)
-            started = time.perf_counter()
-            marker = STEP_FUNCTIONS[step](context)
-            marker["seconds"] = round(time.perf_counter() - started, 3)
-            runs.write_marker(paths, step, marker)
-            steps_run.append(step)
-            if step == "gate" and not marker["passed"]:
-                from pipelines.report import write_report
-
-                write_report(
-                    paths.root,
-                    run_id,
-                    gate_metric=config.nightly.gate_metric,
-                    floor=config.nightly.gate_floor,
-                    latest=runs.read_latest(paths.root),
-                )
-                return _result(paths, GATED, steps_run)
-        removed = tuple(runs.read_marker(paths, "publish").get("removed_runs", ()))
-        return _result(paths, PUBLISHED, steps_run, removed)
+        return _run_steps(context, done)
 
 
 def run_from_args(args: argparse.Namespace) -> int:

@@ -52,7 +52,7 @@ wait_for_nodes() {
     for pidfile in "$STATE"/*.pid; do
       if ! kill -0 "$(cat "$pidfile")" 2>/dev/null; then
         log "$(basename "$pidfile" .pid) exited during startup:"
-        tail -n 5 "${pidfile%.pid}.log" >&2
+        { grep -E "Exception|Error" "${pidfile%.pid}.log" | tail -n 3 || tail -n 5 "${pidfile%.pid}.log"; } >&2
         return 1
       fi
     done

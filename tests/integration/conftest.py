@@ -25,7 +25,9 @@ def ray_local():
     if started_here:
         # A loaded machine can take longer than the default 10 s to register the raylet.
         os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")
+        # address="local": never join a `ray start` cluster that happens to run on this machine.
         ray.init(
+            address="local",
             num_cpus=RAY_NUM_CPUS,
             object_store_memory=RAY_OBJECT_STORE_BYTES,
             include_dashboard=False,

@@ -169,7 +169,12 @@ def test_two_node_cluster_gives_the_same_rows(small_world, built, tmp_path):
     completed = subprocess.run(
         [sys.executable, "-c", _TWO_NODE_SCRIPT, small_world.out_dir, out, json.dumps(config)],
         cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": ""},
+        env={
+            **os.environ,
+            "PYTHONPATH": str(REPO),
+            "RAY_ADDRESS": "",
+            "RAY_raylet_start_wait_time_s": "120",
+        },
         capture_output=True,
         text=True,
         timeout=400,

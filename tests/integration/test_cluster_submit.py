@@ -113,11 +113,17 @@ class LocalCluster:
             timeout=timeout,
         )
 
-    def start(self) -> None:
-        started = self.script("start", timeout=400)
-        if started.returncode != 0:
-            self.stop()
-            raise RuntimeError(f"cluster did not start:\n{started.stderr[-3000:]}")
+    def start(self, *, attempts: int = 3) -> None:
+        """Start, retrying: on a loaded machine a raylet can miss Ray's fixed 30 s window to
+        register with the GCS, and `ray start` then gives up (the script cleans up)."""
+        errors = []
+        for _ in range(attempts):
+            started = self.script("start", timeout=400)
+            if started.returncode == 0:
+                return
+            errors.append(started.stderr[-2000:])
+        self.stop()
+        raise RuntimeError("cluster did not start:\n" + "\n---\n".join(errors))
 
     def node_pid(self, name: str) -> int:
         return int((self.state / f"{name}.pid").read_text())

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from jobs import build_dataset, cli, embed, train
+from jobs import build_dataset, cli, embed, evaluate, train
 from pipelines import io
 from pipelines.embed import output_schema
 from pipelines.retrieval import ItemIndex, load_embeddings
@@ -89,6 +89,14 @@ def test_evaluate_from_tables_reproduces_training(trained, published, tmp_path):
     assert report["max_abs_difference"] < 1e-5
     assert {"recall@10", "recall@50", "ndcg@10", "mrr"} <= set(report["training_reported"])
     assert report["metrics"]["recall@50"] > 0
+
+
+def test_evaluate_a_model_dir_embeds_it_first(trained, published):
+    from_model = evaluate.run(model=trained["model"])
+    from_tables = evaluate.run(embeddings=published.out)
+    assert from_model.source == {"model": trained["model"]}
+    assert from_model.max_abs_difference is not None and from_model.max_abs_difference < 1e-5
+    assert from_model.metrics == pytest.approx(from_tables.metrics, abs=1e-6)
 
 
 def test_faiss_on_published_tables_equals_brute_force(published):

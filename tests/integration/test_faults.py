@@ -8,6 +8,7 @@ later the whole nightly is SIGKILLed while embeddings are being written.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -40,9 +41,9 @@ OVERRIDES = [
     "train.max_failures=2",
     "nightly.window_days=2",
 ]
-# Ray Train V2's controller polls workers every 2 s: a checkpoint reported just before a kill
-# may not be registered yet, so the kill waits this long after the first one appears.
-CHECKPOINT_REGISTRATION_S = 4.0
+# Ray Train V2's controller polls workers every 2 s, so a checkpoint on disk may not be
+# registered yet; it writes this file each time it registers one (Ray 2.60).
+CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"
 
 
 def descendants(pid: int) -> list[int]:
@@ -101,6 +102,16 @@ def kill_tree(process: subprocess.Popen) -> None:
     process.wait(timeout=60)
 
 
+def registered_checkpoints(state_dir: Path) -> int:
+    """Checkpoints Ray Train's controller has registered (0 before its first snapshot)."""
+    for snapshot in state_dir.rglob(CHECKPOINT_SNAPSHOT):
+        try:
+            return len(json.loads(snapshot.read_text())["checkpoint_results"])
+        except (OSError, ValueError, KeyError):
+            return 0
+    return 0
+
+
 def seed_published_run(root: Path, run_id: str) -> None:
     """A previous published run as the registry records it (markers and LATEST only): LATEST
     must have something to stay on while the run under test is interrupted."""
@@ -138,15 +149,14 @@ def interrupted_run(tmp_path_factory, small_world):
             start_new_session=True,
         )
         try:
-            # 1. Kill one training worker once a step checkpoint is on disk.
+            # 1. Kill one training worker once the controller registered a step checkpoint.
             state = run_dir / ".model._train"
             wait_for(
-                lambda: any(state.rglob("checkpoint_*")),
+                lambda: registered_checkpoints(state) > 0,
                 process,
-                what="a training checkpoint",
+                what="a registered training checkpoint",
                 log=log,
             )
-            time.sleep(CHECKPOINT_REGISTRATION_S)
             workers = [p for p in descendants(process.pid) if b"RayTrainWorker" in cmdline(p)]
             assert workers, "no RayTrainWorker process under the nightly"
             events["model_complete_at_kill"] = io.is_complete(paths.model)
@@ -186,7 +196,10 @@ def test_training_worker_killed_mid_epoch_resumes_from_its_checkpoint(interrupte
     assert steps == [steps[0], 2 * steps[0]]
     assert metrics["global_step"] == steps[-1]
     assert 0 < resumed_step < metrics["global_step"]
-    assert runs.read_marker(run.paths, "train")["global_step"] == metrics["global_step"]
+    assert resumed_step in metrics["resumed_at_steps"]
+    train = runs.read_marker(run.paths, "train")
+    assert train["global_step"] == metrics["global_step"]
+    assert train["resumed_at_steps"] == metrics["resumed_at_steps"]
 
 
 def test_embed_killed_mid_write_leaves_nothing_visible_and_the_rerun_completes(

@@ -11,6 +11,7 @@ from benchmarks.movielens import (
     PROTOCOLS,
     Split,
     evaluate_vectors,
+    fit_in_process,
     holdout_splits,
     load_ml100k,
     num_held_out,
@@ -18,10 +19,12 @@ from benchmarks.movielens import (
     sample_unexposed,
     split_leave_last_out,
     split_random_fraction,
+    with_overrides,
     write_dataset,
 )
 from pipelines import io
 from pipelines.contracts import validate_dataset_dir
+from twotower_core.config import debug_config
 
 # user 1: 4 ratings, the last two at the same second (file order decides which is last);
 # user 2: 3 ratings; user 3: a single rating (never held out).
@@ -241,3 +244,20 @@ def test_evaluate_vectors_excludes_train_items():
     assert metrics["hit_rate@1"] == 1.0
     assert metrics["ndcg@1"] == 1.0
     assert metrics["eval_users"] == 1.0
+
+
+def test_fit_in_process_trains_and_scores_validation(ml, tmp_path):
+    split = split_leave_last_out(ml.ratings)
+    out = str(tmp_path / "dataset")
+    write_dataset(out, ml, split, num_negatives=2, alpha=0.75, seed=0)
+    config = with_overrides(
+        debug_config(),
+        ["train.epochs=2", "train.batch_size=2", "train.num_workers=1",
+         "model.user_feature_kinds.history=ignore"],
+    )  # fmt: skip
+    history = fit_in_process(
+        out, config, ml=ml, validation=split, ks=(1, 3), metric="ndcg@3", patience=5
+    )
+    assert [row["epoch"] for row in history] == [1, 2]
+    # 6 train rows in 3 steps of 2 per epoch; the 2 users with a held-out item are scored.
+    assert all(np.isfinite(row["train_loss"]) and row["eval_users"] == 2.0 for row in history)

@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	# The CPU wheel first, so nothing below pulls CUDA packages.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[dev,retrieve]"
+	$(BIN)/pip install --quiet -e ".[dev,retrieve,bench]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -152,10 +152,10 @@ def run(
 
 def summary_table(result: DemoResult) -> str:
     lines = ["", "twotower demo", "=" * 60, "training rows"]
-    lines.append(f"  {'positives (train)':<28}{result.train_positives:>12,}")
-    lines.append(f"  {'positives (eval day)':<28}{result.eval_positives:>12,}")
+    lines.append(f"  {'positives (train)':<34}{result.train_positives:>10,}")
+    lines.append(f"  {'positives (eval day)':<34}{result.eval_positives:>10,}")
     for source, count in result.negatives_by_source.items():
-        lines.append(f"  {'negatives: ' + source:<28}{count:>12,}")
+        lines.append(f"  {'negatives: ' + source:<34}{count:>10,}")
     lines.append("eval day, full catalog, train items excluded")
     lines.append(f"  {'':<14}{'Recall@50':>11}{'NDCG@10':>10}{'Recall@10':>11}")
     for name, m in result.metrics.items():

@@ -386,8 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--object-store-mb",
         type=int,
-        default=1024,
-        help="object store of the local Ray in MiB (default 1024, as jobs.ray_runtime)",
+        default=512,
+        help="object store of the local Ray in MiB (default 512, as jobs.ray_runtime)",
     )
     parser.add_argument(
         "--work-dir", default="/tmp/twotower-bench/build_dataset", help="logs and outputs go here"

@@ -736,85 +736,33 @@ def fit_in_process(
 ) -> list[dict[str, float]]:
     """Train in this process, without Ray, and score ``validation`` after every epoch.
 
-    For quick tuning only: the same model, task, optimizer and ``_train_step`` as the Ray job,
-    one batch of ``batch_size × num_workers`` rows per step. That is the step of the job's
-    ``num_workers`` DDP workers with ``loss.gather_across_workers`` (every worker's softmax over
-    the global batch; DDP averages the workers' losses), except that catalog samples
-    (``num_sampled_negatives``) are drawn once per step instead of once per worker.
+    For quick tuning only: ``pipelines.local_train.fit`` (the same model, task, optimizer and
+    ``_train_step`` as the Ray job, one step of ``batch_size × num_workers`` rows, as the job's
+    DDP workers with ``loss.gather_across_workers`` take it).
     Stops after ``patience`` epochs without a gain in ``metric``; one history row per epoch.
     """
-    from jobs.train import infer_specs
-    from pipelines import io
-    from pipelines.train_loop import (
-        TRAIN_COLUMNS,
-        TowerPair,
-        _optimizer,
-        _train_step,
-        batch_tensors,
-        embed_all,
-        load_entity_tables,
-    )
-    from twotower_core.task import build_task
-    from twotower_core.towers import build_two_tower
+    from pipelines import local_train
+    from pipelines.train_loop import embed_all
 
-    t = config.train
-    torch.manual_seed(t.seed)
-    # One intra-op thread: the step is small, and on a shared machine more threads only spin.
-    torch.set_num_threads(t.torch_threads or 1)
-    user_specs, item_specs = infer_specs(dataset, config)
-    user_table, item_table, num_users, num_items, counts = load_entity_tables(
-        dataset, user_specs, item_specs
-    )
-    model = build_two_tower(
-        config.model,
-        num_users=num_users,
-        num_items=num_items,
-        user_specs=user_specs,
-        item_specs=item_specs,
-    )
-    pair = TowerPair(model, user_table, item_table)
-    task = build_task(config.loss, item_counts=counts)
-    optimizer = _optimizer(config, model.parameters())
-    rows = io.read_table(io.join(dataset, "train"), columns=TRAIN_COLUMNS)
-    batch_size = t.batch_size * t.num_workers
-    generator = torch.Generator().manual_seed(t.seed)
-    history: list[dict[str, float]] = []
-    best, since_best = -float("inf"), 0
-    for epoch in range(t.epochs):
-        started = time.perf_counter()
-        shuffled = rows.take(np.random.default_rng([t.seed, epoch]).permutation(rows.num_rows))
-        losses = []
-        model.train()
-        for start in range(0, rows.num_rows - batch_size + 1, batch_size):
-            batch = batch_tensors(shuffled.slice(start, batch_size))
-            losses.append(
-                _train_step(
-                    pair, task, optimizer, batch, config, generator, num_items, torch.device("cpu")
-                )
-            )
-        model.eval()
-        user_UD = embed_all(model.user_tower, user_table, np.arange(num_users))
-        item_ID = embed_all(model.item_tower, item_table, np.arange(num_items))
-        metrics = evaluate_vectors(
+    def evaluate(model, user_table, item_table) -> dict[str, float]:
+        user_UD = embed_all(model.user_tower, user_table, np.arange(user_table.num_rows))
+        item_ID = embed_all(model.item_tower, item_table, np.arange(item_table.num_rows))
+        return evaluate_vectors(
             user_UD, item_ID, validation, num_users=ml.num_users,
             similarity=config.loss.similarity, ks=ks,
         )  # fmt: skip
-        history.append(
-            {"epoch": epoch + 1, "train_loss": float(np.mean(losses)),
-             "seconds": time.perf_counter() - started, **metrics}
-        )  # fmt: skip
+
+    def report(row: dict[str, Any]) -> None:
         print(
-            f"  epoch {epoch + 1}: loss {history[-1]['train_loss']:.4f}, {metric} "
-            f"{metrics[metric]:.4f} ({history[-1]['seconds']:.0f} s)",
+            f"  epoch {row['epoch']}: loss {row['train_loss']:.4f}, {metric} "
+            f"{row[metric]:.4f} ({row['seconds']:.0f} s)",
             flush=True,
         )
-        if metrics[metric] > best:
-            best, since_best = metrics[metric], 0
-        else:
-            since_best += 1
-            if since_best >= patience:
-                break
-    return history
+
+    fitted = local_train.fit(
+        dataset, config, evaluate=evaluate, metric=metric, patience=patience, on_epoch=report
+    )
+    return fitted.history
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "build -> train (warm start) -> evaluate -> gate -> embed -> publish",
     ),
     "demo": ("jobs.demo", "the whole pipeline on generated logs on a local Ray, with a summary"),
+    "study": ("jobs.study", "which negatives, loss and similarity: a grid of runs and a report"),
 }
 
 

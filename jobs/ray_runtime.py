@@ -7,7 +7,7 @@ import os
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_OBJECT_STORE_BYTES = 1 << 30
+DEFAULT_OBJECT_STORE_BYTES = 512 << 20
 
 
 def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:

@@ -3,7 +3,6 @@ process, resume bookkeeping, ranking and the report from hand-made results."""
 
 import json
 import os
-import sys
 
 import pytest
 import torch
@@ -150,7 +149,7 @@ def test_a_missing_required_key_is_named():
         grid_from_dict(data)
 
 
-def test_the_cli_reports_a_bad_grid_file_before_any_work(tmp_path, capsys):
+def test_the_cli_reports_a_bad_grid_file_before_any_work(tmp_path, capsys, no_ray):
     from jobs.cli import main
 
     path = tmp_path / "grid.yaml"
@@ -163,7 +162,6 @@ def test_the_cli_reports_a_bad_grid_file_before_any_work(tmp_path, capsys):
     assert code == 2
     assert "'epochs'" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
-    assert "ray" not in sys.modules
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,9 +15,11 @@ The gate publishes only when the eval metric (nightly.gate_metric) reaches night
 and did not drop by more than nightly.max_relative_drop from the previous published run. A
 gated run keeps its dataset, model and report for inspection, LATEST stays where it was, and
 the command exits 3 with the reason. Publishing replaces LATEST atomically and keeps the
-newest nightly.retention runs. Every run writes report/report.md with plots next to its outputs.
+newest nightly.retention runs. A published or a gated run writes report/report.md with plots
+next to its outputs; a run that fails before its gate decided writes none.
 
-Exit codes: 0 published (or already finished), 2 bad input or config, 3 gated, 4 locked.
+Exit codes: 0 published (or already finished), 2 bad input or config, 3 gated, 4 locked, the
+same for ``python -m jobs.nightly`` as for ``twotower nightly``.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
+from jobs import cli
 from jobs.config_io import add_config_arguments, load_config
 from pipelines import io, runs
 from twotower_core.config import Config, ConfigError, config_to_dict, validate
@@ -547,13 +550,11 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="twotower nightly", description=__doc__)
-    add_arguments(parser)
-    return run_from_args(parser.parse_args(argv))
+    """``python -m jobs.nightly ARGS`` (a RayJob or CronJob entrypoint) is ``twotower nightly
+    ARGS``: the CLI maps bad input to exit 2 with one line, so a scheduler reading the exit
+    code sees the same codes whichever entrypoint it runs."""
+    return cli.main(["nightly", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
     raise SystemExit(main())

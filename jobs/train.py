@@ -98,7 +98,6 @@ def run(
     io.check_writable(out, overwrite=overwrite)
     user_specs, item_specs = infer_specs(dataset, config)
 
-    import ray.data
     import torch
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -109,7 +108,7 @@ def run(
     ensure_ray(address)
     t = config.train
     state_dir = state_dir_for(out)
-    train_rows = ray.data.read_parquet(io.join(dataset, "train"), columns=TRAIN_COLUMNS)
+    train_rows = io.ray_read_parquet(io.join(dataset, "train"), columns=TRAIN_COLUMNS)
     if t.materialize_dataset:
         train_rows = train_rows.materialize()
     trainer = TorchTrainer(
@@ -141,7 +140,9 @@ def run(
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
     with result.checkpoint.as_directory() as directory:
-        saved = torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=False)
+        saved = torch.load(
+            os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=False
+        )
         state = saved["state"]
         payload = torch.load(
             os.path.join(directory, "best_model.pt"), map_location="cpu", weights_only=False

@@ -4,10 +4,10 @@ Legend: B rows in a batch, D embedding dim, V ids in a model vocab.
 
 ``EmbedBatch`` is a callable class run on a Ray Data actor pool: each actor loads the model
 once, then maps pyarrow batches of an entity table (id + feature columns) to
-``(id, embedding: fixed_size_list<float32>[D])``. Ids the model has never seen go to its OOV
-rows, so catalog items no one clicked, or added after training, still get an embedding from
-their features. Every batch is checked for NaN/Inf before it leaves the actor, so nothing
-non-finite is ever written.
+``(id, embedding: fixed_size_list<float32>[D])``. Ids the model has never seen (items added
+after training) are hashed into its ``model.num_oov_buckets`` OOV rows, which are zero, so they
+still get an embedding, from their features alone. Every batch is checked for NaN/Inf before
+it leaves the actor, so nothing non-finite is ever written.
 
 ``embed_with_ray`` wires it into a streaming Dataset (read → actors → write, never collected on
 the driver); ``check_side`` and ``build_manifest`` are what the embed job runs on the staging
@@ -77,17 +77,79 @@ def _sortable(ids: pa.Array) -> np.ndarray:
     return np.asarray(ids.to_pylist(), dtype=str)
 
 
+# OOV buckets need a hash of the raw id that is the same in every actor, run and release:
+# Python's hash() of a str is salted per process (PYTHONHASHSEED), so it is not used.
+_SPLITMIX_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+_FNV_OFFSET = np.uint64(0xCBF29CE484222325)
+_FNV_PRIME = np.uint64(0x100000001B3)
+
+
+def _splitmix64(values_B: np.ndarray) -> np.ndarray:
+    """SplitMix64's output for state ``values_B`` (uint64, arithmetic wraps mod 2^64).
+
+    A fixed bijective mix: consecutive ids (a catalog's new items often are) land in
+    unrelated buckets, which ``id mod num_buckets`` would not guarantee for strided ids.
+    """
+    z = values_B + _SPLITMIX_GAMMA
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def _fnv1a64(strings: pa.Array) -> np.ndarray:
+    """``[B]`` uint64 FNV-1a of each string's UTF-8 bytes, one numpy pass per byte position."""
+    strings = strings.cast(pa.large_string())  # int64 offsets whatever the input type
+    hashes_B = np.full(len(strings), _FNV_OFFSET)
+    _, offsets_buffer, data_buffer = strings.buffers()
+    offsets = np.frombuffer(offsets_buffer, np.int64)[
+        strings.offset : strings.offset + len(strings) + 1
+    ]
+    starts_B, lengths_B = offsets[:-1], np.diff(offsets)
+    max_length = int(lengths_B.max(initial=0))
+    if max_length == 0:  # no bytes at all: Arrow may not allocate a data buffer
+        return hashes_B
+    data = np.frombuffer(data_buffer, np.uint8)
+    for position in range(max_length):
+        active_B = lengths_B > position
+        bytes_B = data[np.where(active_B, starts_B + position, 0)]
+        hashes_B = np.where(active_B, (hashes_B ^ bytes_B) * _FNV_PRIME, hashes_B)
+    return hashes_B
+
+
+def oov_buckets(ids: pa.Array, num_buckets: int) -> np.ndarray:
+    """``[B]`` int64 OOV bucket in ``[0, num_buckets)`` of each raw id: ``hash mod num_buckets``.
+
+    The hash is stable across calls, processes and machines: integer ids (any width) hash as
+    SplitMix64 of their int64 value (two's complement), string ids as SplitMix64 of the 64-bit
+    FNV-1a of their UTF-8 bytes. Changing either changes which OOV row every unseen id of a
+    published model uses.
+    """
+    if pa.types.is_integer(ids.type):
+        values_B = ids.to_numpy(zero_copy_only=False).astype(np.int64).view(np.uint64)
+    else:
+        # FNV-1a's low k bits depend only on the low k bits of each byte ("item-a" and
+        # "item-q" agree mod 16); the mix spreads every bit into the bucket.
+        values_B = _fnv1a64(ids)
+    hashes_B = _splitmix64(values_B)
+    return (hashes_B % np.uint64(num_buckets)).astype(np.int64)
+
+
 class IdIndex:
     """Row of each id in a model vocab, by binary search over the ids sorted once.
 
     A hash join per batch rebuilds its table from the whole vocab every time (≈0.4 s per batch
     against a 1M-item vocab); a search over a sorted copy costs ≈ B·log V.
+
+    Args:
+        vocab_ids: [V] the vocab's raw ids; row v is entity v of the tower.
+        num_oov_buckets: the tower's ``model.num_oov_buckets`` (used by ``tower_rows``).
     """
 
-    def __init__(self, vocab_ids: pa.Array):
+    def __init__(self, vocab_ids: pa.Array, *, num_oov_buckets: int = 1):
         ids_V = _sortable(vocab_ids)
         self.order_V = np.argsort(ids_V, kind="stable")
         self.sorted_V = ids_V[self.order_V]
+        self.num_oov_buckets = num_oov_buckets
 
     def rows(self, ids: pa.Array) -> np.ndarray:
         """``[B]`` vocab row of each id, −1 for ids the vocab does not have."""
@@ -101,6 +163,18 @@ class IdIndex:
         positions_B = np.minimum(positions_B, len(self.sorted_V) - 1)
         found_B = self.sorted_V[positions_B] == ids_B
         return np.where(found_B, self.order_V[positions_B], -1).astype(np.int64)
+
+    def tower_rows(self, ids: pa.Array) -> np.ndarray:
+        """``[B]`` tower input for each raw id: its vocab row, or ``−1 − oov_buckets(id)`` for
+        an id the vocab does not have, which ``Tower.id_rows`` decodes to OOV row
+        ``num_ids + bucket``. With one bucket every unseen id is −1: the shared OOV row.
+        """
+        rows_B = self.rows(ids)
+        unseen_B = np.flatnonzero(rows_B < 0)
+        if len(unseen_B) and self.num_oov_buckets > 1:
+            buckets = oov_buckets(ids.take(pa.array(unseen_B)), self.num_oov_buckets)
+            rows_B[unseen_B] = -1 - buckets
+        return rows_B
 
 
 class EmbedBatch:
@@ -125,7 +199,9 @@ class EmbedBatch:
         self.tower = tower.to(self.device).eval()
         self.specs = loaded.user_specs if side == "users" else loaded.item_specs
         vocab = loaded.user_vocab if side == "users" else loaded.item_vocab
-        self.ids = IdIndex(vocab[self.id_column].combine_chunks())
+        self.ids = IdIndex(
+            vocab[self.id_column].combine_chunks(), num_oov_buckets=tower.num_oov_buckets
+        )
         self.normalize = normalize_for_serving(loaded.config.loss.similarity)
         self.dim = loaded.config.model.embedding_dim
 
@@ -139,7 +215,7 @@ class EmbedBatch:
         ids = batch[self.id_column].combine_chunks()
         if ids.null_count:
             raise ValueError(f"{self.side} table: {ids.null_count} null {self.id_column}s")
-        rows_B = torch.as_tensor(self.ids.rows(ids), device=self.device)
+        rows_B = torch.as_tensor(self.ids.tower_rows(ids), device=self.device)
         features = {
             name: torch.as_tensor(values, device=self.device)
             for name, values in encode_features(batch, self.specs).items()
@@ -214,7 +290,7 @@ def embed_with_ray(
     """
     import ray.data
 
-    dataset = ray.data.read_parquet(source)
+    dataset = io.ray_read_parquet(source)
     # A catalog is often one file with one huge row group, i.e. one block: split it so that
     # every actor of the pool gets work.
     block_rows = rows_per_block(

@@ -6,9 +6,14 @@ A tower knows nothing about losses, negatives or distribution: ``task.py`` turns
 into a loss, DDP is applied from outside, and serving uses the embeddings as they are.
 
 ID rows: a tower for ``num_ids`` known entities has ``num_ids + num_oov_buckets`` ID rows.
-Index i in [0, num_ids) is entity i; any other index (−1 for an unseen id, or −1 − hash(raw id)
-for callers that want unseen ids spread over buckets) goes to row
-``num_ids + (i mod num_oov_buckets)``.
+Index i in [0, num_ids) is entity i. An unseen id is passed as the negative code ``−1 − b`` and
+goes to OOV row ``num_ids + (b mod num_oov_buckets)``: −1 is bucket 0, the shared OOV row. The
+tower never sees raw ids, so the bucket ``b`` (a stable hash of the raw id) is the caller's job
+(``pipelines.embed.IdIndex.tower_rows``). Any other out-of-range index i ≥ num_ids is decoded by
+the same formula, ``num_ids + ((−1 − i) mod num_oov_buckets)``.
+
+OOV rows start at zero: no training id maps to them, so they never get a gradient and stay zero,
+and an unseen entity is embedded from its features alone (ID part of the MLP input = 0).
 """
 
 from __future__ import annotations
@@ -58,6 +63,10 @@ class Tower(nn.Module):
             )
             # Small rows: initial scores near 0, a near-uniform softmax at step 0.
             nn.init.normal_(self.id_embedding.weight, std=0.1)
+            # Every training id is in the vocab, so the OOV rows are never trained: a random
+            # row would be fixed noise added to each unseen entity's feature-based embedding.
+            # Zero rows contribute nothing (and get no gradient, so they stay zero).
+            nn.init.zeros_(self.id_embedding.weight[num_ids:])
         self.features = FeatureEncoder(specs, config) if config.use_features and specs else None
         input_dim = (config.id_embedding_dim if config.use_ids else 0) + (
             self.features.output_dim if self.features is not None else 0
@@ -78,17 +87,18 @@ class Tower(nn.Module):
         self.output_dim = config.embedding_dim
 
     def id_rows(self, ids_B: Tensor) -> Tensor:
-        """[B] row of the ID table for each dense index (out-of-range → an OOV bucket)."""
+        """[B] row of the ID table for each index: i in [0, num_ids) → i; the code −1 − b of an
+        unseen id in OOV bucket b → ``num_ids + (b mod num_oov_buckets)``."""
         known = (ids_B >= 0) & (ids_B < self.num_ids)
-        return torch.where(
-            known, ids_B, self.num_ids + torch.remainder(ids_B, self.num_oov_buckets)
-        )
+        # −1 − i is ~i, so it never overflows int64.
+        bucket_B = torch.remainder(-1 - ids_B, self.num_oov_buckets)
+        return torch.where(known, ids_B, self.num_ids + bucket_B)
 
     def forward(self, ids_B: Tensor, features: Mapping[str, Tensor] | None = None) -> Tensor:
         """[B, D] embeddings.
 
         Args:
-            ids_B: [B] int64 dense index of each entity (out-of-range = unseen).
+            ids_B: [B] int64 dense index of each entity, or −1 − bucket for an unseen one.
             features: {name: tensor} per ``features.py``'s contract; ignored without features.
         """
         parts = []
@@ -170,8 +180,10 @@ def remap_id_rows(
 
     ID tables: new row i takes old row ``index_map[i]``, or keeps its fresh initialisation where
     that is −1 (a new id); old rows no new id maps to are dropped. OOV rows are copied (a warm
-    start keeps ``model.num_oov_buckets``; the state dict does not record it). Feature embeddings: remapped by value when the old specs are
-    given (a value new to the vocabulary keeps a fresh row), else copied when shapes match.
+    start keeps ``model.num_oov_buckets``; the state dict does not record it); they are zero
+    unless the old model was built before OOV rows started at zero. Feature embeddings: remapped
+    by value when the old specs are given (a value new to the vocabulary keeps a fresh row), else
+    copied when shapes match.
     Every other tensor is copied when its shape matches.
 
     Args:

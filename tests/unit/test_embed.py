@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -21,6 +24,7 @@ from pipelines.embed import (
     check_side,
     embedding_type,
     from_embedding_array,
+    oov_buckets,
     output_schema,
     rows_per_block,
     to_embedding_array,
@@ -28,6 +32,7 @@ from pipelines.embed import (
 from pipelines.features import build_feature_table
 from pipelines.train_loop import embed_all
 from tests.model_fixtures import model_config, write_dataset_dir, write_model_dir
+from twotower_core.config import config_from_dict, config_to_dict
 
 
 @pytest.fixture(scope="module", params=["int", "string"])
@@ -62,6 +67,129 @@ def test_embedding_array_round_trip():
 )
 def test_id_index_rows(vocab, queries, expected):
     assert IdIndex(vocab).rows(queries).tolist() == expected
+
+
+U64 = 2**64 - 1
+
+
+def splitmix64(value: int) -> int:
+    """SplitMix64 written from its definition on Python ints."""
+    z = (value + 0x9E3779B97F4A7C15) & U64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & U64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & U64
+    return z ^ (z >> 31)
+
+
+def fnv1a64(data: bytes) -> int:
+    """64-bit FNV-1a written from its definition on Python ints."""
+    h = 0xCBF29CE484222325
+    for byte in data:
+        h = ((h ^ byte) * 0x100000001B3) & U64
+    return h
+
+
+def test_hash_references_match_published_values():
+    # SplitMix64 seeded with 0: first output 0xE220A8397B1DCDAF; FNV-1a 64 test vectors.
+    assert splitmix64(0) == 0xE220A8397B1DCDAF
+    assert fnv1a64(b"") == 0xCBF29CE484222325
+    assert fnv1a64(b"a") == 0xAF63DC4C8601EC8C
+    assert fnv1a64(b"foobar") == 0x85944171F73967E8
+
+
+# Fixed buckets, so a change of hash function is caught. With 16 buckets the bucket is the
+# hash's last hex digit:
+#   int 0:   splitmix64(0)                = 0x…1DCDAF → 0xF = 15
+#   int 1:   splitmix64(1)                = 0x…025CC1 → 1
+#   int 42:  splitmix64(42)               = 0x…EB6E95 → 5
+#   int −1:  splitmix64(2^64 − 1)         = 0x…652C20 → 0
+#   "a":      splitmix64(0xAF63DC4C8601EC8C) = 0x…9B8527 → 7
+#   "foobar": splitmix64(0x85944171F73967E8) = 0x…03DE4F → 0xF = 15
+INT_BUCKETS = {0: 15, 1: 1, 42: 5, -1: 0}
+STRING_BUCKETS = {"a": 7, "foobar": 15}
+
+
+def test_oov_buckets_are_fixed_hash_values():
+    assert hex(splitmix64(0)).endswith("1dcdaf") and hex(splitmix64(1)).endswith("025cc1")
+    assert hex(splitmix64(42)).endswith("eb6e95") and hex(splitmix64(U64)).endswith("652c20")
+    assert hex(splitmix64(fnv1a64(b"a"))).endswith("9b8527")
+    assert hex(splitmix64(fnv1a64(b"foobar"))).endswith("03de4f")
+    ints, strings = list(INT_BUCKETS), list(STRING_BUCKETS)
+    expected_ints, expected_strings = list(INT_BUCKETS.values()), list(STRING_BUCKETS.values())
+    assert oov_buckets(pa.array(ints), 16).tolist() == expected_ints
+    assert oov_buckets(pa.array(strings), 16).tolist() == expected_strings
+    # The value decides, not the column type, and a sliced array hashes the same.
+    assert oov_buckets(pa.array(ints, pa.int32()), 16).tolist() == expected_ints
+    assert oov_buckets(pa.array(strings, pa.large_string()), 16).tolist() == expected_strings
+    assert oov_buckets(pa.array(["x", *strings]).slice(1), 16).tolist() == expected_strings
+    # Non-ASCII strings hash their UTF-8 bytes; empty strings hash to FNV's offset basis.
+    odd = ["né", "", "日本"]
+    expected = [splitmix64(fnv1a64(value.encode())) % 16 for value in odd]
+    assert oov_buckets(pa.array(odd), 16).tolist() == expected
+    assert oov_buckets(pa.array(["", ""]), 16).tolist() == [splitmix64(fnv1a64(b"")) % 16] * 2
+
+
+def test_oov_buckets_are_the_same_in_another_process():
+    """Python's str hash() is salted per process; the bucket must not be."""
+    code = (
+        "import pyarrow as pa; from pipelines.embed import oov_buckets; "
+        "print(oov_buckets(pa.array(['a', 'foobar', 'new-7']), 16).tolist(), "
+        "oov_buckets(pa.array([0, 1, 42, -1]), 16).tolist())"
+    )
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    here = oov_buckets(pa.array(["a", "foobar", "new-7"]), 16).tolist()
+    assert result.stdout.split() == f"{here} {list(INT_BUCKETS.values())}".split()
+    assert here[:2] == list(STRING_BUCKETS.values())
+
+
+@pytest.mark.parametrize(
+    "ids",
+    [
+        pa.array(np.arange(1000, 1800)),
+        pa.array(np.arange(1000, 1800) * 8),  # strided: id mod 8 would be a single bucket
+        pa.array([f"new-{i}" for i in range(800)]),
+    ],
+    ids=["consecutive", "strided", "strings"],
+)
+def test_oov_buckets_spread_unseen_ids(ids):
+    # 800 ids over 8 buckets: 100 expected per bucket; a fair hash stays well within 50..150.
+    counts = np.bincount(oov_buckets(ids, 8), minlength=8)
+    assert counts.sum() == 800 and counts.min() >= 50 and counts.max() <= 150
+
+
+def test_oov_buckets_mix_fnvs_low_bits():
+    # A, I, Q, Y, a, i, q, y agree in their low 3 bits, so plain FNV-1a mod 8 puts these in one
+    # bucket; after the mix they spread.
+    ids = [f"item-{c}" for c in "AIQYaiqy"]
+    assert len({fnv1a64(i.encode()) % 8 for i in ids}) == 1
+    assert len(set(oov_buckets(pa.array(ids), 8).tolist())) > 1
+
+
+def test_tower_rows_code_unseen_ids_by_bucket():
+    vocab = pa.array([30, 10, 20])
+    queries = pa.array([10, 0, 1, 42, 30, -1])
+    # Known ids keep their vocab row; unseen ones are −1 − bucket (INT_BUCKETS, 16 buckets):
+    # 0 → −1 − 15 = −16, 1 → −2, 42 → −6, −1 → −1.
+    assert IdIndex(vocab, num_oov_buckets=16).tower_rows(queries).tolist() == [
+        1,
+        -16,
+        -2,
+        -6,
+        0,
+        -1,
+    ]
+    # One bucket: every unseen id is −1, the shared OOV row.
+    assert IdIndex(vocab).tower_rows(queries).tolist() == [1, -1, -1, -1, 0, -1]
+    # STRING_BUCKETS: "foobar" → −1 − 15 = −16, "a" → −1 − 7 = −8.
+    strings = IdIndex(pa.array(["c", "x", "b"]), num_oov_buckets=16)
+    assert strings.tower_rows(pa.array(["b", "foobar", "a", "c"])).tolist() == [2, -16, -8, 0]
+    empty = IdIndex(pa.array([], pa.int64()), num_oov_buckets=16)
+    assert empty.tower_rows(pa.array([42])).tolist() == [-6]
+    # Same input, same output, every call.
+    index = IdIndex(vocab, num_oov_buckets=16)
+    assert index.tower_rows(queries).tolist() == index.tower_rows(queries).tolist()
 
 
 @pytest.mark.parametrize("similarity", ["dot", "cosine", "euclidean"])
@@ -100,38 +228,59 @@ def test_output_schema_keeps_the_id_type(world):
     assert out.num_rows == table.num_rows
 
 
-def test_new_items_embed_from_their_features(world):
-    """Items the model never saw share the OOV ID row, so their features tell them apart;
+def zero_id_vector_embedding(tower, features):
+    """``tower``'s forward written out with the ID part of the MLP input set to 0."""
+    features_BF = tower.features(features)
+    zeros_BI = torch.zeros(features_BF.shape[0], tower.id_embedding.embedding_dim)
+    return tower.mlp(torch.cat([zeros_BI, features_BF], dim=1))
+
+
+@pytest.mark.parametrize("num_oov_buckets", [1, 4])
+def test_new_items_embed_from_their_features(world, num_oov_buckets):
+    """Items the model never saw hash into zero OOV rows, so their features alone embed them;
     a cold catalog item (in the vocab, never clicked) keeps its own row."""
     dataset, root = world
-    model_dir = write_model_dir(root / "model_new", dataset)
-    loaded = load_model(model_dir)
-    table = features_table(dataset, "items")
-    new_ids = (
-        ["new-1", "new-2"]
-        if pa.types.is_string(table.schema.field("item_id").type)
-        else [
-            -1,
-            -2,
-        ]
+    config = config_from_dict(
+        config_to_dict(model_config()), overrides=[f"model.num_oov_buckets={num_oov_buckets}"]
     )
+    model_dir = write_model_dir(root / f"model_new_{num_oov_buckets}", dataset, config=config)
+    loaded = load_model(model_dir)
+    tower = loaded.model.item_tower
+    table = features_table(dataset, "items")
+    id_type = table.schema.field("item_id").type
+    new_ids = [f"new-{i}" for i in range(8)] if pa.types.is_string(id_type) else list(range(-8, 0))
     new = (
-        table.slice(0, 2)
-        .set_column(1, "item_id", pa.array(new_ids, table.schema.field("item_id").type))
-        .set_column(2, "category", pa.array(["x", "z"]))
+        table.slice(0, 8)
+        .set_column(1, "item_id", pa.array(new_ids, id_type))
+        .set_column(2, "category", pa.array(["x", "z", "y", "x", "z", "y", "x", "z"]))
     )
     embed = EmbedBatch(model_dir, "items")
+    seen_rows = []
+
+    def recording(rows_B, features):
+        seen_rows.append(rows_B.tolist())
+        return tower(rows_B, features)
+
+    embed.tower = recording
     got_ND = from_embedding_array(embed(new)["embedding"], 32)
+    # The ids went to the tower as −1 − bucket, i.e. to OOV rows num_ids + bucket.
+    codes = -1 - oov_buckets(new["item_id"].combine_chunks(), num_oov_buckets)
+    assert seen_rows == [codes.tolist()]
+    if num_oov_buckets > 1:
+        assert len(set(codes.tolist())) > 1  # 8 new ids did not all share one bucket
+    features = build_feature_table(new, loaded.item_specs).lookup(torch.arange(8))
     with torch.no_grad():
-        oov_ND = loaded.model.item_tower(
-            torch.tensor([-1, -1]),
-            build_feature_table(new, loaded.item_specs).lookup(torch.arange(2)),
-        )
-    np.testing.assert_allclose(got_ND, oov_ND.numpy(), rtol=1e-5, atol=1e-6)
+        expected_ND = zero_id_vector_embedding(tower, features)
+    oov_rows = tower.id_embedding.weight[tower.num_ids :]
+    assert oov_rows.shape[0] == num_oov_buckets and not oov_rows.any()
+    np.testing.assert_allclose(got_ND, expected_ND.numpy(), rtol=1e-5, atol=1e-6)
     assert not np.allclose(got_ND[0], got_ND[1])
     cold = table.slice(table.num_rows - 1, 1)  # the fixture's last items have no clicks
     cold_D = from_embedding_array(embed(cold)["embedding"], 32)[0]
-    assert not np.allclose(cold_D, got_ND[0])
+    with torch.no_grad():
+        cold_features = build_feature_table(cold, loaded.item_specs).lookup(torch.arange(1))
+        cold_zero_id_D = zero_id_vector_embedding(tower, cold_features)[0]
+    assert not np.allclose(cold_D, cold_zero_id_D.numpy())
 
 
 def test_non_finite_vectors_are_refused_naming_the_ids(world):

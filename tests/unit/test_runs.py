@@ -459,3 +459,127 @@ def test_a_date_past_the_logs_is_refused(tmp_path, tiny_logs):
     with pytest.raises(ValueError, match=r"--date 2026-11-09: the logs in .* end on 2026-11-03"):
         nightly.run(logs=tiny_logs, root=str(tmp_path), config=debug_config(), date="2026-11-09")
     assert not (tmp_path / "runs").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# the nightly job's exit codes, --force and retention (steps faked: no Ray)
+
+
+def test_python_m_jobs_nightly_exits_2_with_the_cli_message(tmp_path):
+    missing = tmp_path / "no-logs"
+    done = subprocess.run(
+        [sys.executable, "-m", "jobs.nightly", "--logs", str(missing)]
+        + ["--root", str(tmp_path / "root"), "--date", "2026-11-03", "--config", "debug"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    # The same one line `twotower nightly` prints, no traceback.
+    assert done.stderr.splitlines() == [
+        f"twotower nightly: error: logs directory {missing} does not exist"
+    ]
+    assert not (tmp_path / "root").exists()
+
+
+def test_nightly_exits_4_while_another_holds_the_run(tmp_path, tiny_logs, no_ray, capsys):
+    from jobs import cli
+
+    paths = runs.run_paths(str(tmp_path), "2026-11-03")
+    with runs.RunLock(paths.lock):
+        code = cli.main(
+            ["nightly", "--logs", tiny_logs, "--root", str(tmp_path)]
+            + ["--date", "2026-11-03", "--config", "debug"]
+        )
+    assert code == 4
+    err = capsys.readouterr().err
+    assert err.startswith(f"twotower nightly: nightly run 2026-11-03 under {tmp_path} is locked")
+    assert f"by pid {os.getpid()} on " in err and err.rstrip().endswith("; not started")
+    assert runs.read_run_record(paths) is None  # refused before recording an attempt
+
+
+def _fake_steps(monkeypatch, steps):
+    """Replace ``steps`` of the nightly (the ones that start Ray) by fakes that record the
+    order they ran in and which markers the run had when each started."""
+    from jobs import nightly
+
+    calls = []
+
+    def fake(step):
+        def run_step(context):
+            calls.append((step, runs.finished_steps(context.paths)))
+            if step == "evaluate":
+                return {"metrics": {"recall@50": 0.3}}
+            if step == "gate":
+                return runs.decide_gate({"recall@50": 0.3}, config=context.config.nightly).to_dict()
+            if step == "publish":
+                return {"removed_runs": []}
+            return {}
+
+        return run_step
+
+    for step in steps:
+        monkeypatch.setitem(nightly.STEP_FUNCTIONS, step, fake(step))
+    return calls
+
+
+def test_force_redoes_a_gated_run_from_scratch(tmp_path, tiny_logs, monkeypatch, no_ray):
+    from jobs import nightly
+
+    _finished_run(tmp_path, tiny_logs, "2026-11-02", status="published")  # LATEST
+    paths = _finished_run(tmp_path, tiny_logs, "2026-11-03", status="gated")
+    record = runs.read_run_record(paths)
+    runs.write_run_record(paths, record | {"attempts": [{"started_at": "the gated attempt"}]})
+    run_dir = Path(paths.run_dir)
+    for output in ("dataset", "model"):
+        (run_dir / output).mkdir()
+        (run_dir / output / "_SUCCESS").write_text("")  # complete: a rerun would reuse it
+    (run_dir / "report").mkdir()
+    (run_dir / "report" / "report.md").write_text("gated")
+    calls = _fake_steps(monkeypatch, runs.STEPS)
+
+    result = nightly.run(
+        logs=tiny_logs, root=str(tmp_path), config=debug_config(), date="2026-11-03", force=True
+    )
+    # Every step ran again, in order, and the first found no marker of the gated attempt.
+    assert [step for step, _ in calls] == list(runs.STEPS)
+    assert calls[0] == ("build", [])
+    assert result.steps_run == runs.STEPS and result.status == "published"
+    assert runs.read_marker(paths, "gate")["passed"] is True
+    assert sorted(os.listdir(run_dir)) == [".lock", "run.json", "steps"]
+    attempts = runs.read_run_record(paths)["attempts"]
+    assert len(attempts) == 1 and attempts[0]["resumed_after"] is None
+    assert runs.read_latest(str(tmp_path)) == "2026-11-02"
+
+
+def test_publish_applies_retention_keeping_latest_and_the_run(
+    tmp_path, tiny_logs, monkeypatch, no_ray
+):
+    import dataclasses
+
+    from jobs import nightly
+    from pipelines import report
+
+    for run_id in ("2026-10-28", "2026-10-29", "2026-10-30", "2026-11-01"):
+        make_run(tmp_path, run_id, steps=["publish"])
+    runs.write_latest(str(tmp_path), "2026-11-01")
+    for run_id in ("2026-11-02", "2026-11-03"):
+        make_run(tmp_path, run_id, steps=["gate"])  # gated: LATEST stayed on 11-01
+    before_publish = [step for step in runs.STEPS if step != "publish"]
+    calls = _fake_steps(monkeypatch, before_publish)
+    monkeypatch.setattr(
+        report, "write_report", lambda root, run_id, **_: report.ReportResult("report.md", {})
+    )
+    config = debug_config()
+    config = dataclasses.replace(config, nightly=dataclasses.replace(config.nightly, retention=2))
+
+    # Backfill 10-31. Runs: 10-28 10-29 10-30 10-31 11-01 11-02 11-03; retention 2 keeps the
+    # newest two (11-02, 11-03), LATEST (11-01) and the run itself (10-31): 3 runs deleted.
+    result = nightly.run(logs=tiny_logs, root=str(tmp_path), config=config, date="2026-10-31")
+    assert [step for step, _ in calls] == before_publish
+    assert result.status == "published" and result.steps_run == runs.STEPS
+    assert result.removed_runs == ("2026-10-28", "2026-10-29", "2026-10-30")
+    assert runs.list_runs(str(tmp_path)) == ["2026-10-31", "2026-11-01", "2026-11-02", "2026-11-03"]
+    # A backfill never moves LATEST backwards.
+    assert result.latest == runs.read_latest(str(tmp_path)) == "2026-11-01"

@@ -39,11 +39,41 @@ def test_two_tower_shapes_and_embeddings_only():
 
 def test_oov_buckets():
     tower = Tower(5, [], CONFIG)
-    # Known ids keep their row; anything else → 5 + (i mod 3): −1 → 7, 5 → 7, 6 → 5, −2 → 6.
-    assert tower.id_rows(torch.tensor([0, 4, -1, 5, 6, -2])).tolist() == [0, 4, 7, 7, 5, 6]
+    # Known ids keep their row; the code −1 − b of bucket b → 5 + (b mod 3):
+    # −1 → 5, −2 → 6, −3 → 7, −4 → 5 + (3 mod 3) = 5. Indices past the vocab decode the same
+    # way: 5 → 5 + (−6 mod 3) = 5, 6 → 5 + (−7 mod 3) = 5 + 2 = 7.
+    ids = torch.tensor([0, 4, -1, -2, -3, -4, 5, 6])
+    assert tower.id_rows(ids).tolist() == [0, 4, 5, 6, 7, 5, 5, 7]
     assert tower.id_embedding.weight.shape == (5 + 3, 4)
+    # int64 extremes: −1 − i is ~i, so no overflow. 2 ≡ −1 (mod 3), so 2^63 ≡ −1 ≡ 2:
+    # ~(2^63 − 1) = −2^63 ≡ −2 ≡ 1 → 5 + 1; ~(−2^63) = 2^63 − 1 ≡ 1 → 5 + 1.
+    extremes = torch.tensor([2**63 - 1, -(2**63)])
+    assert tower.id_rows(extremes).tolist() == [6, 6]
     out = tower(torch.tensor([-1, 100]))
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("num_oov_buckets", [1, 3])
+def test_oov_rows_start_at_zero_and_get_no_gradient(num_oov_buckets):
+    config = dataclasses.replace(CONFIG, num_oov_buckets=num_oov_buckets)
+    tower = Tower(5, [], config)
+    weight = tower.id_embedding.weight
+    assert torch.equal(weight[5:], torch.zeros(num_oov_buckets, 4))
+    assert (weight[:5].abs().sum(dim=1) > 0).all()  # known rows keep their random init
+    # Training only sees vocab ids, so the OOV rows get a zero gradient and stay zero.
+    tower(torch.arange(5)).sum().backward()
+    assert torch.equal(weight.grad[5:], torch.zeros(num_oov_buckets, 4))
+
+
+def test_an_unseen_entity_is_embedded_from_its_features_alone():
+    tower = Tower(3, ITEM_SPECS, CONFIG)
+    features = item_features(4)
+    # The forward written out with a zero ID vector: mlp([0, 0, 0, 0, features(4)]).
+    zero_id_BD = tower.mlp(torch.cat([torch.zeros(4, 4), tower.features(features)], dim=1))
+    for unseen in ([-1, -2, -3, -1], [3, 7, -100, 2**40]):
+        torch.testing.assert_close(tower(torch.tensor(unseen), features), zero_id_BD)
+    known_BD = tower(torch.arange(3), item_features(3))
+    assert not torch.allclose(known_BD, zero_id_BD[:3])
 
 
 def test_options_from_config():
@@ -85,6 +115,8 @@ def test_options_from_config():
 def test_remap_id_rows_keeps_known_ids_and_initialises_new_ones():
     torch.manual_seed(0)
     old = build_two_tower(CONFIG, num_users=3, num_items=4, item_specs=ITEM_SPECS)
+    with torch.no_grad():  # OOV rows start at zero; as if trained, so the copy can be seen
+        old.user_tower.id_embedding.weight[3:] = torch.arange(12.0).reshape(3, 4)
     new_specs = [
         # "comedy" kept (old code 2 → new code 1), "action" new (code 2), "drama" dropped.
         FeatureSpec("genre", "categorical", vocabulary=("comedy", "action")),
@@ -106,7 +138,7 @@ def test_remap_id_rows_keeps_known_ids_and_initialises_new_ones():
     assert torch.equal(new_users[0], old_users[2])
     assert torch.equal(new_users[1], fresh_user_row)
     assert torch.equal(new_users[2], old_users[0]) and torch.equal(new_users[3], old_users[1])
-    assert torch.equal(new_users[4:], old_users[3:])  # the 3 OOV rows
+    assert torch.equal(new_users[4:], torch.arange(12.0).reshape(3, 4))  # the 3 OOV rows
     new_items, old_items = new.item_tower.id_embedding.weight, old.item_tower.id_embedding.weight
     assert torch.equal(new_items[0], old_items[3]) and torch.equal(new_items[1], old_items[0])
     genre_new, genre_old = (

@@ -9,6 +9,13 @@ import pytest
 RAY_NUM_CPUS = 4
 RAY_OBJECT_STORE_BYTES = 300 * 1024**2
 
+# Ray Train V2's controller takes a worker's reported result every health-check interval
+# (2 s by default) and a worker's result queue holds one, so back-to-back reports each wait up
+# to 2 s: in tests with a checkpoint every few steps that was most of the training time.
+# Set before any Ray starts, so the in-process Ray, `ray start` clusters and job subprocesses
+# all inherit it.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+
 
 @pytest.fixture(scope="session")
 def ray_local():

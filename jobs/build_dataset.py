@@ -13,6 +13,7 @@ import argparse
 import logging
 
 from jobs.config_io import add_config_arguments, load_config
+from pipelines import io
 from pipelines.build import BuildResult, build_dataset, check_inputs
 from twotower_core.config import Config
 
@@ -64,6 +65,7 @@ def run(
     overwrite: bool = False,
 ) -> BuildResult:
     """Validate, start or join Ray, build, publish."""
+    logs, out = io.absolute(logs), io.absolute(out)
     check_inputs(logs, out, config.dataset, overwrite=overwrite)
 
     from jobs.ray_runtime import ensure_ray

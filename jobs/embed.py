@@ -95,6 +95,7 @@ def run(
 
     ``embed_class`` is the per-batch transform run on the actors (tests inject failures).
     """
+    model, out, dataset = io.absolute(model), io.absolute(out), io.absolute(dataset)
     dataset, sources = check_inputs(model, dataset)
     io.check_writable(out, overwrite=overwrite)
     model_config = load_config_of(model)

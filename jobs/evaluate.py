@@ -98,6 +98,7 @@ def run(
 
     ``ks``, ``max_users`` and ``seed`` left as None take the model's training settings.
     """
+    dataset, embeddings, model = io.absolute(dataset), io.absolute(embeddings), io.absolute(model)
     from pipelines.evaluation import (
         EvalSettings,
         evaluate_embeddings,

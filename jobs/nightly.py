@@ -499,6 +499,7 @@ def run(
 ) -> NightlyResult:
     """Run, resume or confirm the nightly for one day. The config, the logs and the lock are
     checked before any Ray work starts."""
+    logs, root = io.absolute(logs), io.absolute(root)
     run_id = runs.validate_run_id(date or default_run_date())
     config = nightly_config(config, run_id)
     logs = _abspath(logs)

@@ -384,6 +384,12 @@ def run(
 
     ``logs``: a Contract 1 dir; or ``movielens``: an ML-100K dir ("" = the cached copy).
     """
+    out, logs, movielens, results = (
+        io.absolute(out),
+        io.absolute(logs),
+        io.absolute(movielens),
+        io.absolute(results),
+    )
     started = time.perf_counter()
     if (logs is None) == (movielens is None):
         raise ValueError("a study needs exactly one of --logs and --movielens")

@@ -94,6 +94,7 @@ def run(
     overwrite: bool = False,
 ) -> TrainResult:
     """Train and publish. Inputs are checked before any Ray work starts."""
+    dataset, out, init_from = io.absolute(dataset), io.absolute(out), io.absolute(init_from)
     check_inputs(dataset, init_from=init_from)
     io.check_writable(out, overwrite=overwrite)
     user_specs, item_specs = infer_specs(dataset, config)

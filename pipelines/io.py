@@ -264,3 +264,14 @@ def ray_read_parquet(path: str, *, columns: list[str] | None = None):
         return ray.data.read_parquet(path, columns=columns)
     finally:
         context.use_datasource_v2 = previous
+
+
+def absolute(path: str | None) -> str | None:
+    """A local path made absolute (URIs and ``None`` unchanged).
+
+    Jobs resolve their paths once, on the driver: Ray Train refuses a relative storage path,
+    and Ray workers need not share the driver's working directory.
+    """
+    if path is None or "://" in str(path):
+        return path
+    return os.path.abspath(os.fspath(path))

@@ -1,5 +1,6 @@
 """The walking skeleton end to end on a tiny world: every stage real, the four contracts hold."""
 
+import os
 from datetime import datetime
 
 import numpy as np
@@ -15,9 +16,18 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory, ray_local):
-    out = tmp_path_factory.mktemp("pipeline") / "demo"
+    """The demo as `make demo` runs it: ``--out`` relative to the working directory."""
+    parent = tmp_path_factory.mktemp("pipeline")
     config = debug_config()
-    return demo.run(out=str(out), config=config, users=500, items=300, days=5, seed=3), config
+    cwd = os.getcwd()
+    os.chdir(parent)
+    try:
+        result = demo.run(out="demo", config=config, users=500, items=300, days=5, seed=3)
+    finally:
+        os.chdir(cwd)
+    assert result.paths["model"] == io.join("demo", "model")
+    result.paths = {name: str(parent / path) for name, path in result.paths.items()}
+    return result, config
 
 
 def test_logs_follow_contract_1(demo_run):

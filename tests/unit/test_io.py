@@ -65,3 +65,11 @@ def test_torch_round_trip(tmp_path):
     path = str(tmp_path / "x" / "model.pt")
     io.save_torch(path, {"w": torch.arange(3)})
     assert io.load_torch(path)["w"].tolist() == [0, 1, 2]
+
+
+def test_absolute_resolves_local_paths_and_keeps_uris(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert io.absolute("demo-output/model") == str(tmp_path / "demo-output" / "model")
+    assert io.absolute(str(tmp_path / "x")) == str(tmp_path / "x")
+    assert io.absolute("s3://bucket/runs/model") == "s3://bucket/runs/model"
+    assert io.absolute(None) is None

@@ -69,7 +69,7 @@ def test_the_expected_manifests_exist():
     assert kinds == sorted(
         ["RayCluster", "RayCronJob", "CronJob", "Role", "RoleBinding", "ServiceAccount"]
         + ["ServiceAccount"]
-        + ["RayJob"] * 5
+        + ["RayJob"] * 6
     )
     components = {
         doc["metadata"]["labels"]["app.kubernetes.io/component"]
@@ -77,7 +77,7 @@ def test_the_expected_manifests_exist():
         if doc["kind"] == "RayJob"
     }
     # One RayJob per job of the CLI that runs on a cluster.
-    assert components == {"build-dataset", "train", "embed", "evaluate", "nightly"}
+    assert components == {"build-dataset", "train", "embed", "evaluate", "nightly", "study"}
     assert components <= set(cli.SUBCOMMANDS)
 
 
@@ -122,7 +122,7 @@ def test_token_auth_is_on_for_every_cluster():
 
 def test_every_ray_job_cleans_up_its_cluster():
     specs = job_specs()
-    assert len(specs) == 6
+    assert len(specs) == 7  # six RayJobs and the RayCronJob's job template
     for where, spec in specs:
         assert spec["shutdownAfterJobFinishes"] is True, where
         ttl = spec["ttlSecondsAfterFinished"]

@@ -11,7 +11,7 @@ contract, on the same generated logs.
    by user, one task per partition);
 4. check both wrote the same train and eval rows, then print input rows/s of each, their ratio,
    and peak memory (summed PSS and RSS of the whole process tree: driver, raylet, workers,
-   object store pages), and write a PNG when matplotlib is installed.
+   object store pages), and write benchmarks/results/build_dataset.{json,png}.
 """
 
 from __future__ import annotations
@@ -40,6 +40,9 @@ LOG_TABLES = ("clicks", "impressions", "retrievals")
 
 # ---------------------------------------------------------------------------------------------
 # memory of a process tree
+
+
+RESULTS = Path(__file__).parent / "results"
 
 
 def _children_by_parent() -> dict[int, list[int]]:
@@ -429,13 +432,14 @@ def main(argv: list[str] | None = None) -> int:
     identical = same_rows(str(work_dir / "out-polars"), str(work_dir / "out-ray"))
     print()
     print_table(results, identical=identical)
-    (work_dir / "results.json").write_text(
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "build_dataset.json").write_text(
         json.dumps(
             {"rows": rows, "results": [asdict(r) for r in results], "identical": identical},
             indent=2,
         )
     )
-    plot(results, work_dir / "build_dataset.png")
+    plot(results, RESULTS / "build_dataset.png")
     return 0 if identical else 1
 
 

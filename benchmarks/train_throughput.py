@@ -3,7 +3,9 @@
 All three train the same model with the same loss, data and batch size through the same
 ``_train_step``; the plain loop reads the train rows into memory with pyarrow and has no Ray,
 no DDP and no data pipeline. Steady-state examples/s is the median over epochs after the
-first; startup (Ray, worker group, first epoch's warm-up) is reported separately.
+first; startup (Ray, worker group, first epoch's warm-up) is reported separately. Every
+configuration runs once per round (--repeats rounds, interleaved); a ratio compares runs of the
+same round, and the table gives the median over rounds and the range.
 
     python benchmarks/train_throughput.py                       # generates a world, builds it
     python benchmarks/train_throughput.py --dataset DIR --epochs 4
@@ -135,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
         default=2,
         help="torch threads of the plain loop and the 1-worker job",
     )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="rounds of all configurations (median kept)"
+    )
     parser.add_argument("--use-gpu", action="store_true")
     parser.add_argument("--out", default=str(RESULTS / "train_throughput"))
     args = parser.parse_args(argv)
@@ -163,29 +168,59 @@ def main(argv: list[str] | None = None) -> int:
     )
     rows = io.count_rows(io.join(dataset, "train"))
     device = torch.device("cuda" if args.use_gpu else "cpu")
-    results = {
-        "plain loop": plain_loop(dataset, config, epochs=args.epochs, device=device),
-        "ray, 1 worker": ray_job(
-            dataset, config, workers=1, threads=args.threads, use_gpu=args.use_gpu
-        ),
-    }
+    runs = {"plain loop": lambda: plain_loop(dataset, config, epochs=args.epochs, device=device)}
+    runs["ray, 1 worker"] = lambda: ray_job(
+        dataset, config, workers=1, threads=args.threads, use_gpu=args.use_gpu
+    )
     if not args.use_gpu or torch.cuda.device_count() >= 2:
-        results["ray, 2 workers"] = ray_job(
+        runs["ray, 2 workers"] = lambda: ray_job(
             dataset, config, workers=2, threads=max(args.threads // 2, 1), use_gpu=args.use_gpu
         )
-
-    baseline = steady(results["plain loop"]["examples_per_s_by_epoch"])
-    print(
-        f"\ntrain throughput: {rows:,} train rows, batch {args.batch_size}, {args.epochs} epochs, device {device}"
-    )
-    print(f"{'run':<16}{'examples/s':>12}{'vs plain':>10}{'startup s':>11}")
-    for name, result in results.items():
-        rate = steady(result["examples_per_s_by_epoch"])
-        result["steady_examples_per_s"] = rate
-        result["ratio_to_plain"] = rate / baseline
-        startup = result.get("outside_epochs_s")
+    # Rounds run every configuration once, side by side; each ratio compares runs of the same
+    # round (this machine is shared and its speed drifts), and the median over rounds is kept.
+    rounds: list[dict[str, dict]] = []
+    for number in range(args.repeats):
+        current = {name: run() for name, run in runs.items()}
+        baseline = steady(current["plain loop"]["examples_per_s_by_epoch"])
+        for result in current.values():
+            result["steady_examples_per_s"] = steady(result["examples_per_s_by_epoch"])
+            result["ratio_to_plain"] = result["steady_examples_per_s"] / baseline
+        rounds.append(current)
         print(
-            f"{name:<16}{rate:>12,.0f}{rate / baseline:>10.2f}{'' if startup is None else f'{startup:>11.1f}'}"
+            f"round {number + 1}: "
+            + "; ".join(
+                f"{name} {r['steady_examples_per_s']:,.0f} ex/s ({r['ratio_to_plain']:.2f}x)"
+                for name, r in current.items()
+            ),
+            flush=True,
+        )
+    results = {
+        name: {
+            "steady_examples_per_s": statistics.median(
+                r[name]["steady_examples_per_s"] for r in rounds
+            ),
+            "ratio_to_plain": statistics.median(r[name]["ratio_to_plain"] for r in rounds),
+            "ratio_runs": [r[name]["ratio_to_plain"] for r in rounds],
+            "outside_epochs_s": (
+                statistics.median(r[name]["outside_epochs_s"] for r in rounds)
+                if "outside_epochs_s" in rounds[0][name]
+                else None
+            ),
+        }
+        for name in runs
+    }
+
+    print(
+        f"\ntrain throughput: {rows:,} train rows, batch {args.batch_size}, {args.epochs} epochs, "
+        f"device {device}, median of {args.repeats} round(s)"
+    )
+    print(f"{'run':<16}{'examples/s':>12}{'vs plain':>10}{'ratio range':>14}{'startup s':>11}")
+    for name, result in results.items():
+        low, high = min(result["ratio_runs"]), max(result["ratio_runs"])
+        startup = result["outside_epochs_s"]
+        print(
+            f"{name:<16}{result['steady_examples_per_s']:>12,.0f}{result['ratio_to_plain']:>10.2f}"
+            f"{f'{low:.2f}-{high:.2f}':>14}{'' if startup is None else f'{startup:>11.1f}'}"
         )
 
     out = Path(args.out)
@@ -196,7 +231,9 @@ def main(argv: list[str] | None = None) -> int:
                 "rows": rows,
                 "device": str(device),
                 "batch_size": args.batch_size,
+                "repeats": args.repeats,
                 "results": results,
+                "rounds": rounds,
             },
             indent=2,
         )

@@ -362,10 +362,6 @@ assert tuple(STEP_FUNCTIONS) == runs.STEPS
 # the job
 
 
-def _abspath(path: str) -> str:
-    return str(path) if "://" in str(path) else os.path.abspath(path)
-
-
 def _finished_status(paths: runs.RunPaths) -> str | None:
     if runs.read_marker(paths, "publish") is not None:
         return PUBLISHED
@@ -502,8 +498,7 @@ def run(
     logs, root = io.absolute(logs), io.absolute(root)
     run_id = runs.validate_run_id(date or default_run_date())
     config = nightly_config(config, run_id)
-    logs = _abspath(logs)
-    paths = runs.run_paths(_abspath(root), run_id)
+    paths = runs.run_paths(root, run_id)
     check_logs(logs, run_id)
 
     with runs.RunLock(paths.lock, what=f"nightly run {run_id} under {paths.root}"):

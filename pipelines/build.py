@@ -453,8 +453,9 @@ class RayEngine:
 
     name = "ray"
 
-    def __init__(self, num_partitions: int) -> None:
+    def __init__(self, num_partitions: int, shuffle_batch_mb: int = 128) -> None:
         self.num_partitions = num_partitions
+        self.shuffle_batch_bytes = shuffle_batch_mb * 2**20
 
     @staticmethod
     def _units(units: list[dict[str, Any]]):
@@ -500,20 +501,45 @@ class RayEngine:
         settings: PartitionSettings,
         output: _OutputSpec,
     ) -> None:
-        import ray
+        rows = self.example_rows(units, spec, lookups=lookups, settings=settings, output=output)
+        for batch in rows.iter_batches(batch_format="pyarrow", batch_size=None):
+            counts.add(batch)
 
-        events = self._units(units).map_batches(
-            _ray_read_events, batch_format="pyarrow", fn_kwargs={"spec": spec}
-        )
+    def example_rows(
+        self,
+        units: list[dict[str, Any]],
+        spec: _ReadSpec,
+        *,
+        lookups: PartitionLookups,
+        settings: PartitionSettings,
+        output: _OutputSpec,
+    ):
+        """The pass-2 Dataset: read units -> events -> hash shuffle by user -> counts rows.
+
+        A shuffle-map task partitions at most ``shuffle_batch_bytes`` of events at once. Ray
+        2.60 batches up to 1 GiB per map task by default; at 5M impressions that one task
+        held 1.4 GiB, and its worker kept it after the task ended.
+        """
+        import ray
+        import ray.data
+
+        context = ray.data.DataContext.get_current()
+        previous = context.shuffle_input_batch_bytes
+        # The Dataset keeps a copy of the context it was made under.
+        context.shuffle_input_batch_bytes = self.shuffle_batch_bytes
+        try:
+            events = self._units(units).map_batches(
+                _ray_read_events, batch_format="pyarrow", fn_kwargs={"spec": spec}
+            )
+        finally:
+            context.shuffle_input_batch_bytes = previous
         # All events of a user land in one partition; a partition is one block, one batch.
-        rows = events.repartition(self.num_partitions, keys=["user_id"]).map_batches(
+        return events.repartition(self.num_partitions, keys=["user_id"]).map_batches(
             _ray_build,
             batch_size=None,
             batch_format="pyarrow",
             fn_kwargs={"lookups_ref": ray.put(lookups), "settings": settings, "output": output},
         )
-        for batch in rows.iter_batches(batch_format="pyarrow", batch_size=None):
-            counts.add(batch)
 
 
 class LocalEngine:
@@ -559,7 +585,9 @@ ENGINES = {"ray": RayEngine, "local": LocalEngine}
 def _make_engine(name: str, config: DatasetConfig):
     if name not in ENGINES:
         raise ValueError(f"unknown build engine {name!r}; valid: {', '.join(sorted(ENGINES))}")
-    return RayEngine(config.num_partitions) if name == "ray" else LocalEngine()
+    if name == "ray":
+        return RayEngine(config.num_partitions, config.shuffle_batch_mb)
+    return LocalEngine()
 
 
 # ---------------------------------------------------------------------------------------------

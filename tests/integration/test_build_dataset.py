@@ -263,3 +263,25 @@ def test_logs_without_statistics_or_optional_tables(ray_local, tmp_path):
     }
     assert any("no impressions table" in note for note in result.manifest["notes"])
     assert np.all(train["neg_item_idxs"].list.len().to_numpy() == 7)
+
+
+def test_shuffle_map_batch_is_bounded_by_config(ray_local):
+    """Ray 2.60 hands a shuffle-map task up to 1 GiB of input by default; the job caps it."""
+    import pyarrow as pa
+    import ray.data
+
+    from pipelines.build import RayEngine, _OutputSpec, _ReadSpec
+
+    context = ray.data.DataContext.get_current()
+    default = context.shuffle_input_batch_bytes
+    schema = pa.schema([("x", pa.int64())])
+    rows = RayEngine(num_partitions=3, shuffle_batch_mb=64).example_rows(
+        [{"table": "clicks", "path": "unused.parquet", "row_groups": [0], "rows": 1}],
+        _ReadSpec(0, 1, pa.int64(), pa.int64()),
+        lookups=None,
+        settings=None,
+        output=_OutputSpec("unused", schema, schema, schema),
+    )
+    assert rows.context.shuffle_input_batch_bytes == 64 * 2**20
+    # The process-wide context is left as it was for other Datasets.
+    assert context.shuffle_input_batch_bytes == default != 64 * 2**20

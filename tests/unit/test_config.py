@@ -43,6 +43,11 @@ def test_negative_learning_rate_is_refused():
         config_from_dict({"train": {"learning_rate": -0.1}})
 
 
+def test_shuffle_batch_must_be_positive():
+    with pytest.raises(ConfigError, match=r"dataset\.shuffle_batch_mb.*>= 1"):
+        config_from_dict({"dataset": {"shuffle_batch_mb": 0}})
+
+
 def test_wrong_type_is_refused_with_the_key():
     with pytest.raises(ConfigError, match=r"train\.epochs.*integer"):
         config_from_dict({"train": {"epochs": "five"}})

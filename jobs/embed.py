@@ -2,7 +2,7 @@
 
 Runs the user tower over the users table and the item tower over the whole catalog (items no
 one clicked included, embedded from their features) of the model's dataset, streaming through
-an actor pool that loads the checkpoint once per actor. Writes users/ and items/ Parquet
+one actor pool for both sides that loads the checkpoint once per actor. Writes users/ and items/ Parquet
 (id, embedding: fixed_size_list<float32>[dim]) and manifest.json (dim, similarity, normalised,
 ANN metric, counts, model, dataset, created_at). Before publishing it checks every file's
 schema and that each side has exactly one row per source row (values were checked for NaN/Inf
@@ -112,32 +112,37 @@ def run(
         cpus_per_actor=settings.cpus_per_actor,
         cluster_cpus=ray.cluster_resources().get("CPU", 0.0),
     )
-    counts: dict[str, int] = {}
     seconds: dict[str, float] = {}
     with io.staged_output(out, overwrite=overwrite) as staging:
-        for side, source in sources.items():
-            expected = io.count_rows(source)
-            logger.info("embedding %d %s with %d actor(s)", expected, side, settings.concurrency)
-            started = time.perf_counter()
-            embed_with_ray(
-                source,
-                io.join(staging, side),
-                model_dir=model,
-                side=side,
-                batch_size=settings.batch_size,
-                concurrency=settings.concurrency,
-                cpus_per_actor=settings.cpus_per_actor,
-                use_gpu=settings.use_gpu,
-                embed_class=embed_class,
-            )
-            seconds[side] = time.perf_counter() - started
-            counts[side] = check_side(
+        expected = {side: io.count_rows(source) for side, source in sources.items()}
+        logger.info(
+            "embedding %s with %d actor(s)",
+            " and ".join(f"{rows} {side}" for side, rows in expected.items()),
+            settings.concurrency,
+        )
+        started = time.perf_counter()
+        embed_with_ray(
+            sources,
+            {side: io.join(staging, side) for side in sources},
+            model_dir=model,
+            batch_size=settings.batch_size,
+            concurrency=settings.concurrency,
+            cpus_per_actor=settings.cpus_per_actor,
+            use_gpu=settings.use_gpu,
+            embed_class=embed_class,
+        )
+        seconds["embed"] = time.perf_counter() - started
+        counts = {
+            side: check_side(
                 io.join(staging, side),
                 side=side,
                 id_type=id_types[side],
                 dim=model_config.model.embedding_dim,
-                expected_rows=expected,
+                expected_rows=expected[side],
             )
+            for side in sources
+        }
+        seconds["total"] = time.perf_counter() - started
         manifest = build_manifest(
             model_config, counts=counts, id_types=id_types, model=model, dataset=dataset
         )

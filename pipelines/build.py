@@ -17,8 +17,9 @@ The order of work, all of it visible in ``build_dataset``:
 
 With the Ray engine logs never reach the driver: a task holds one read unit (about
 ``READ_UNIT_ROWS`` rows) or one partition, so memory is bounded by the partition size
-(``dataset.num_partitions``), not by the size of the logs. The local engine runs the same
-functions in one process over all events at once (a reference and a benchmark baseline).
+(``dataset.num_partitions``; by default one partition per 250k log rows), not by the size of
+the logs. The local engine runs the same functions in one process over all events at once (a
+reference and a benchmark baseline).
 Partition files are named after their users, so a rerun writes the very same files.
 
 Shapes: U users in the vocab, I catalog items.
@@ -57,6 +58,7 @@ from pipelines.contracts import (
     TABLE_USERS,
     USERS_FILE,
     LogsInfo,
+    LogsValidationError,
     eval_schema,
     id_type_name,
     quarantine_schema,
@@ -252,6 +254,11 @@ class _ReadSpec:
     end_us: int
     user_id_type: pa.DataType
     item_id_type: pa.DataType
+    # Drop clicks with dwell_s below this (None: no dwell filter, or no dwell_s column).
+    min_dwell_s: float | None = None
+
+
+DWELL_COLUMN = "dwell_s"
 
 
 def _read_unit(unit: dict[str, Any], columns: list[str] | None = None) -> pl.DataFrame:
@@ -261,31 +268,58 @@ def _read_unit(unit: dict[str, Any], columns: list[str] | None = None) -> pl.Dat
     )
 
 
-def _read_events(units: list[dict[str, Any]], spec: _ReadSpec) -> pl.DataFrame:
-    """Read units (row groups of log files) -> normalised event rows in the window."""
-    frames = [
-        normalize_events(
-            _read_unit(unit),
-            table=unit["table"],
-            start_us=spec.start_us,
-            end_us=spec.end_us,
-            user_id_type=spec.user_id_type,
-            item_id_type=spec.item_id_type,
+def _drop_short_dwell(
+    rows: pl.DataFrame, table: str, spec: _ReadSpec
+) -> tuple[pl.DataFrame, int]:
+    """Clicks without the ones whose dwell is below ``spec.min_dwell_s``; and how many of
+    those fell in the window (other tables, or no filter: unchanged, 0)."""
+    if table != TABLE_CLICKS or spec.min_dwell_s is None:
+        return rows, 0
+    short = pl.col(DWELL_COLUMN).is_not_null() & (pl.col(DWELL_COLUMN) < spec.min_dwell_s)
+    in_window = pl.col("ts").dt.epoch("us").is_between(spec.start_us, spec.end_us, closed="left")
+    dropped = rows.filter(short & in_window).height
+    return rows.filter(~short).drop(DWELL_COLUMN), dropped
+
+
+def _read_events_counted(
+    units: list[dict[str, Any]], spec: _ReadSpec
+) -> tuple[pl.DataFrame, int]:
+    """Read units (row groups of log files) -> (normalised event rows in the window, clicks
+    in the window dropped for a short dwell)."""
+    frames, dropped = [], 0
+    for unit in units:
+        columns = list(REQUIRED_COLUMNS[unit["table"]])
+        if unit["table"] == TABLE_CLICKS and spec.min_dwell_s is not None:
+            columns.append(DWELL_COLUMN)
+        rows, short = _drop_short_dwell(_read_unit(unit, columns), unit["table"], spec)
+        dropped += short
+        frames.append(
+            normalize_events(
+                rows,
+                table=unit["table"],
+                start_us=spec.start_us,
+                end_us=spec.end_us,
+                user_id_type=spec.user_id_type,
+                item_id_type=spec.item_id_type,
+            )
         )
-        for unit in units
-    ]
     schema = event_schema(spec.user_id_type, spec.item_id_type)
-    return pl.concat(frames) if frames else pl.from_arrow(schema.empty_table())
+    return (pl.concat(frames) if frames else pl.from_arrow(schema.empty_table())), dropped
+
+
+def _read_events(units: list[dict[str, Any]], spec: _ReadSpec) -> pl.DataFrame:
+    return _read_events_counted(units, spec)[0]
 
 
 def _summarize_units(
     units: list[dict[str, Any]], spec: _ReadSpec, *, catalog_ids: pl.Series, split_us: int
 ) -> pl.DataFrame:
-    """Click units -> rows ``user_id`` (a user with a valid click) or ``item_id, train_clicks``."""
-    users, items = summarize_clicks(
-        _read_events(units, spec), catalog_ids=catalog_ids, split_us=split_us
-    )
-    return pl.concat([users, items], how="diagonal")
+    """Click units -> rows ``user_id`` (a user with a valid click), ``item_id, train_clicks``
+    or ``short_dwell_clicks`` (clicks dropped by ``dataset.min_dwell_s``)."""
+    events, dropped = _read_events_counted(units, spec)
+    users, items = summarize_clicks(events, catalog_ids=catalog_ids, split_us=split_us)
+    short = pl.DataFrame({"short_dwell_clicks": [dropped]}, schema={"short_dwell_clicks": pl.Int64})
+    return pl.concat([users, items, short], how="diagonal")
 
 
 def _ts_range_units(units: list[dict[str, Any]]) -> tuple[int | None, int | None]:
@@ -370,8 +404,11 @@ class _ClickSummary:
         self.item_parts: list[pl.DataFrame] = [
             pl.DataFrame(schema={"item_id": item_dtype, "train_clicks": pl.Int64})
         ]
+        self.short_dwell_clicks = 0
 
     def add(self, frame: pl.DataFrame) -> None:
+        if "short_dwell_clicks" in frame.columns:
+            self.short_dwell_clicks += int(frame["short_dwell_clicks"].sum())
         if "user_id" in frame.columns:
             self.user_parts.append(frame["user_id"].drop_nulls())
         if "item_id" in frame.columns:
@@ -582,11 +619,28 @@ class LocalEngine:
 ENGINES = {"ray": RayEngine, "local": LocalEngine}
 
 
-def _make_engine(name: str, config: DatasetConfig):
+# Input log rows per partition when dataset.num_partitions is not set.
+ROWS_PER_PARTITION = 250_000
+MIN_PARTITIONS = 8
+
+
+def num_partitions_for(config: DatasetConfig, info: LogsInfo) -> int:
+    """``dataset.num_partitions``, or one per ``ROWS_PER_PARTITION`` log rows (footers)."""
+    if config.num_partitions is not None:
+        return config.num_partitions
+    rows = sum(info.tables[t].num_rows for t in LOG_TABLES if info.has(t))
+    return max(MIN_PARTITIONS, -(-rows // ROWS_PER_PARTITION))
+
+
+def _check_engine(name: str) -> None:
     if name not in ENGINES:
         raise ValueError(f"unknown build engine {name!r}; valid: {', '.join(sorted(ENGINES))}")
+
+
+def _make_engine(name: str, config: DatasetConfig, num_partitions: int):
+    _check_engine(name)
     if name == "ray":
-        return RayEngine(config.num_partitions, config.shuffle_batch_mb)
+        return RayEngine(num_partitions, config.shuffle_batch_mb)
     return LocalEngine()
 
 
@@ -604,7 +658,26 @@ def check_inputs(
         raise ValueError(
             "dataset.require_click_impression is true but the logs have no impressions table"
         )
+    if config.min_dwell_s is not None and dwell_filter_applies(info):
+        for file in info.tables[TABLE_CLICKS].files:
+            schema = io.read_parquet_metadata(file).schema.to_arrow_schema()
+            dwell_type = schema.field(DWELL_COLUMN).type if DWELL_COLUMN in schema.names else None
+            if dwell_type is None or not (
+                pa.types.is_floating(dwell_type) or pa.types.is_integer(dwell_type)
+            ):
+                raise LogsValidationError(
+                    f"dataset.min_dwell_s needs a numeric {DWELL_COLUMN} in every file, "
+                    f"found {dwell_type or 'no such column'}",
+                    table=TABLE_CLICKS,
+                    file=file,
+                    column=DWELL_COLUMN,
+                )
     return info
+
+
+def dwell_filter_applies(info: LogsInfo) -> bool:
+    """Whether the clicks table has a dwell column (its first file says)."""
+    return info.has(TABLE_CLICKS) and DWELL_COLUMN in info.tables[TABLE_CLICKS].schema.names
 
 
 def build_dataset(
@@ -621,8 +694,10 @@ def build_dataset(
     (one process, polars; the same rows).
     """
     started = time.perf_counter()
-    runner = _make_engine(engine, config)
+    _check_engine(engine)
     info = check_inputs(logs, out, config, overwrite=overwrite)
+    num_partitions = num_partitions_for(config, info)
+    runner = _make_engine(engine, config, num_partitions)
     items = _read_entity_table(info, TABLE_ITEMS, info.item_id_type)
     users_table = (
         _read_entity_table(info, TABLE_USERS, info.user_id_type) if info.has(TABLE_USERS) else None
@@ -636,7 +711,12 @@ def build_dataset(
         units = read_units(info, LOG_TABLES)
         ts_range = runner.ts_range(units) if units else None
     window = resolve_window(config, ts_range)
-    spec = _ReadSpec(window.start_us, window.end_us, info.user_id_type, info.item_id_type)
+    min_dwell_s = config.min_dwell_s if dwell_filter_applies(info) else None
+    if config.min_dwell_s is not None and min_dwell_s is None:
+        logger.warning("dataset.min_dwell_s is set but clicks has no %s column", DWELL_COLUMN)
+    spec = _ReadSpec(
+        window.start_us, window.end_us, info.user_id_type, info.item_id_type, min_dwell_s
+    )
     logger.info("window %s..%s, split at %s", window.start, window.end, _iso_us(window.split_us))
 
     with io.staged_output(out, overwrite=overwrite) as staging:
@@ -680,7 +760,7 @@ def build_dataset(
             user_ids.len(),
             item_ids.len(),
             runner.name,
-            config.num_partitions,
+            num_partitions,
         )
         counts = _PartitionCounts(user_ids.len(), item_ids.len())
         event_units = read_units(info, LOG_TABLES)
@@ -705,6 +785,16 @@ def build_dataset(
             info,
         )
         manifest = _manifest(info, config, window, counts.stats, catalog_quarantine, lookups)
+        manifest["num_partitions"] = num_partitions
+        manifest["counts"]["short_dwell_clicks"] = summary.short_dwell_clicks
+        if config.min_dwell_s is not None:
+            manifest["notes"].append(
+                f"{summary.short_dwell_clicks} clicks with {DWELL_COLUMN} < "
+                f"{config.min_dwell_s} were not positives"
+                if min_dwell_s is not None
+                else f"dataset.min_dwell_s is set but clicks has no {DWELL_COLUMN} column: "
+                "no dwell filter applied"
+            )
         manifest["engine"] = runner.name
         manifest["build_seconds"] = round(time.perf_counter() - started, 3)
         io.write_json(io.join(staging, MANIFEST_FILE), manifest)
@@ -863,7 +953,6 @@ def _manifest(
         "notes": notes,
         "created_at": io.utc_now(),
         "seed": config.seed,
-        "num_partitions": config.num_partitions,
     }
 
 

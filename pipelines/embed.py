@@ -9,9 +9,12 @@ after training) are hashed into its ``model.num_oov_buckets`` OOV rows, which ar
 still get an embedding, from their features alone. Every batch is checked for NaN/Inf before
 it leaves the actor, so nothing non-finite is ever written.
 
-``embed_with_ray`` wires it into a streaming Dataset (read → actors → write, never collected on
-the driver); ``check_side`` and ``build_manifest`` are what the embed job runs on the staging
-directory before it publishes.
+``embed_with_ray`` runs both sides through one pool of ``EmbedParts`` actors. The work is cut,
+from the Parquet footers, into parts (a row group, or a row range of one); an actor loads the
+model once and streams each part it is given from Parquet, batch by batch, through the tower
+into its own output file, so rows never pass through the driver or the object store. Only a
+(side, file, rows) row per part comes back. ``check_side`` and ``build_manifest`` are what the
+embed job runs on the staging directory before it publishes.
 """
 
 from __future__ import annotations
@@ -20,10 +23,11 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from pipelines import io
-from pipelines.checkpoint import load_model
+from pipelines.checkpoint import LoadedModel, load_model
 from pipelines.features import encode_features
 from twotower_core.config import Config
 from twotower_core.similarity import ann_metric, normalize_for_serving
@@ -36,9 +40,11 @@ EMPTY_PART = "part-empty.parquet"
 # Unique ids and random floats gain nothing from dictionary pages; building and then dropping
 # them was about two thirds of the Parquet write time of an embedding table.
 PARQUET_WRITE_OPTIONS: dict[str, Any] = {"use_dictionary": False}
-# Blocks handed to the actors: whole batches, a few per actor, bounded in size.
-BLOCKS_PER_ACTOR = 4
-MAX_ROWS_PER_BLOCK = 262_144
+# Parts per actor and side when the row groups are fewer: enough to balance the pool and
+# show progress; each extra split of a row group re-decodes the rows before its range.
+PARTS_PER_ACTOR = 2
+# Rows per row group of an output file (the tower's batches are gathered up to this).
+OUTPUT_ROW_GROUP_ROWS = 65_536
 
 
 class EmbeddingValidationError(ValueError):
@@ -187,11 +193,19 @@ class EmbedBatch:
         use_gpu: run the tower on the GPU Ray assigned to this actor.
     """
 
-    def __init__(self, model_dir: str, side: str, *, torch_threads: int = 1, use_gpu: bool = False):
+    def __init__(
+        self,
+        model_dir: str,
+        side: str,
+        *,
+        torch_threads: int = 1,
+        use_gpu: bool = False,
+        loaded: LoadedModel | None = None,
+    ):
         if side not in SIDES:
             raise ValueError(f"side must be one of {', '.join(SIDES)}, got {side!r}")
         torch.set_num_threads(max(1, torch_threads))
-        loaded = load_model(model_dir)
+        loaded = loaded or load_model(model_dir)
         self.side = side
         self.id_column = SIDES[side]
         self.device = torch.device("cuda" if use_gpu else "cpu")
@@ -248,70 +262,188 @@ def source_id_type(source: str, side: str) -> pa.DataType:
 
 
 def check_pool_fits(*, concurrency: int, cpus_per_actor: float, cluster_cpus: float) -> None:
-    """A fixed actor pool that takes every CPU leaves none for the read and write tasks, and
-    Ray Data then waits forever; refuse it up front. A cluster that reports no CPUs yet (an
-    autoscaling head) is let through.
+    """Refuse an actor pool larger than the cluster up front: Ray Data would wait forever for
+    actors that cannot be placed. A cluster that reports no CPUs yet (an autoscaling head) is
+    let through. The actors read and write themselves, so they are the only CPU users.
     """
-    needed = concurrency * cpus_per_actor + 1
+    needed = concurrency * cpus_per_actor
     if 0 < cluster_cpus < needed:
         raise ValueError(
             f"embed.concurrency ({concurrency}) x embed.cpus_per_actor ({cpus_per_actor}) "
-            f"+ 1 CPU for reading and writing needs {needed:g} CPUs; this Ray cluster has "
-            f"{cluster_cpus:g}. Lower embed.concurrency or embed.cpus_per_actor."
+            f"needs {needed:g} CPUs; this Ray cluster has {cluster_cpus:g}. "
+            "Lower embed.concurrency or embed.cpus_per_actor."
         )
 
 
-def rows_per_block(num_rows: int, *, batch_size: int, concurrency: int) -> int:
-    """Rows per Ray Data block: about ``BLOCKS_PER_ACTOR`` blocks per actor, a multiple of
-    ``batch_size``, at most ``MAX_ROWS_PER_BLOCK`` (unless one batch is larger).
+def plan_parts(
+    source: str, dest: str, *, side: str, min_parts: int, batch_size: int
+) -> list[dict[str, Any]]:
+    """The parts of one side, from the Parquet footers of ``source``.
 
-    Blocks of one batch each cost a task, an object and a file apiece (1M items took twice as
-    long); one block for the whole table would leave all but one actor idle.
+    A part is ``{side, path, row_group, start, stop, out}``: rows ``[start, stop)`` of one row
+    group, written to the file ``out``. Row groups are split into equal row ranges when there
+    are fewer than ``min_parts`` of them (a catalog is often one file with one huge row
+    group), never into ranges of less than one batch. File names follow the part order, so a
+    rerun writes the same files.
     """
-    target = min(-(-num_rows // (BLOCKS_PER_ACTOR * concurrency)), MAX_ROWS_PER_BLOCK)
-    return max(1, -(-target // batch_size)) * batch_size
+    groups = [
+        (path, index, metadata.row_group(index).num_rows)
+        for path in io.list_files(source)
+        for metadata in [io.read_parquet_metadata(path)]
+        for index in range(metadata.num_row_groups)
+        if metadata.row_group(index).num_rows
+    ]
+    total = sum(rows for _, _, rows in groups)
+    parts = []
+    for path, index, rows in groups:
+        share = -(-min_parts * rows // total) if len(groups) < min_parts else 1
+        pieces = max(1, min(share, rows // max(batch_size, 1)))
+        bounds = np.linspace(0, rows, pieces + 1).round().astype(int)
+        for start, stop in zip(bounds[:-1], bounds[1:]):
+            parts.append(
+                {
+                    "side": side,
+                    "path": path,
+                    "row_group": index,
+                    "start": int(start),
+                    "stop": int(stop),
+                    "out": io.join(dest, f"part-{len(parts):05d}.parquet"),
+                }
+            )
+    return parts
+
+
+class EmbedParts:
+    """Ray Data actor for both sides: loads the model once, then embeds whole parts.
+
+    Each part (see ``plan_parts``) is read batch by batch from its Parquet row group, run
+    through ``embed_class`` for its side, and written to its own file; a retried part
+    rewrites that file from the start. Returns one ``(side, file, rows)`` row per part.
+    """
+
+    def __init__(
+        self,
+        model_dir: str,
+        *,
+        batch_size: int,
+        torch_threads: int = 1,
+        use_gpu: bool = False,
+        embed_class: type[EmbedBatch] = EmbedBatch,
+    ):
+        loaded = load_model(model_dir)
+        self.batch_size = batch_size
+        self.sides = {
+            side: embed_class(
+                model_dir, side, torch_threads=torch_threads, use_gpu=use_gpu, loaded=loaded
+            )
+            for side in SIDES
+        }
+
+    def __call__(self, parts: pa.Table) -> pa.Table:
+        done = [self.embed_part(part) for part in parts.to_pylist()]
+        return pa.table(
+            {
+                "side": [part["side"] for part in parts.to_pylist()],
+                "file": [part["out"] for part in parts.to_pylist()],
+                "rows": pa.array(done, pa.int64()),
+            }
+        )
+
+    def _batches(self, part: dict[str, Any]):
+        """The part's rows, as tables of at most ``batch_size`` rows."""
+        fs, inner = io.resolve(part["path"])
+        with fs.open_input_file(inner) as handle, pq.ParquetFile(handle) as reader:
+            offset = 0  # rows of the row group before this batch
+            for batch in reader.iter_batches(
+                batch_size=self.batch_size, row_groups=[part["row_group"]]
+            ):
+                low = max(part["start"] - offset, 0)
+                high = min(part["stop"] - offset, batch.num_rows)
+                offset += batch.num_rows
+                if high > low:
+                    yield pa.Table.from_batches([batch.slice(low, high - low)])
+                if offset >= part["stop"]:
+                    return
+
+    def embed_part(self, part: dict[str, Any]) -> int:
+        embed = self.sides[part["side"]]
+        fs, inner = io.resolve(part["out"])
+        fs.create_dir(inner.rsplit("/", 1)[0], recursive=True)
+        rows, pending, writer = 0, [], None
+        try:
+            for batch in self._batches(part):
+                pending.append(embed(batch))
+                if sum(t.num_rows for t in pending) >= OUTPUT_ROW_GROUP_ROWS:
+                    writer = writer or pq.ParquetWriter(
+                        inner, pending[0].schema, filesystem=fs, **PARQUET_WRITE_OPTIONS
+                    )
+                    writer.write_table(pa.concat_tables(pending))
+                    rows, pending = rows + sum(t.num_rows for t in pending), []
+            if pending:
+                writer = writer or pq.ParquetWriter(
+                    inner, pending[0].schema, filesystem=fs, **PARQUET_WRITE_OPTIONS
+                )
+                writer.write_table(pa.concat_tables(pending))
+                rows += sum(t.num_rows for t in pending)
+        finally:
+            if writer is not None:
+                writer.close()
+        return rows
 
 
 def embed_with_ray(
-    source: str,
-    dest: str,
+    sources: dict[str, str],
+    dests: dict[str, str],
     *,
     model_dir: str,
-    side: str,
     batch_size: int,
     concurrency: int,
     cpus_per_actor: float,
     use_gpu: bool,
     embed_class: type[EmbedBatch] = EmbedBatch,
-) -> None:
-    """Stream ``source`` (an entity table) through ``embed_class`` actors into Parquet at ``dest``.
+) -> dict[str, int]:
+    """Embed every side's ``sources[side]`` table into Parquet files under ``dests[side]``.
 
-    ``embed_class`` is the per-batch transform; tests pass a subclass that fails on purpose.
+    One Dataset of parts (largest first, so the pool finishes together) through one actor
+    pool; returns the rows written per side. ``embed_class`` is the per-batch transform;
+    tests pass a subclass that fails on purpose.
     """
     import ray.data
 
-    dataset = io.ray_read_parquet(source)
-    # A catalog is often one file with one huge row group, i.e. one block: split it so that
-    # every actor of the pool gets work.
-    block_rows = rows_per_block(
-        io.count_rows(source), batch_size=batch_size, concurrency=concurrency
-    )
-    dataset = dataset.repartition(target_num_rows_per_block=block_rows)
-    (
-        dataset.map_batches(
-            embed_class,
-            fn_constructor_args=(str(model_dir), side),
-            fn_constructor_kwargs={
-                "torch_threads": max(1, int(cpus_per_actor)),
-                "use_gpu": use_gpu,
-            },
-            batch_format="pyarrow",
+    parts = [
+        part
+        for side in sources
+        for part in plan_parts(
+            sources[side],
+            dests[side],
+            side=side,
+            min_parts=concurrency * PARTS_PER_ACTOR,
             batch_size=batch_size,
-            compute=ray.data.ActorPoolStrategy(size=concurrency),
-            num_cpus=cpus_per_actor,
-            num_gpus=1 if use_gpu else 0,
-        ).write_parquet(dest, **PARQUET_WRITE_OPTIONS)
+        )
+    ]
+    written = {side: 0 for side in sources}
+    if not parts:
+        return written
+    parts.sort(key=lambda part: part["start"] - part["stop"])
+    results = ray.data.from_items(parts, override_num_blocks=len(parts)).map_batches(
+        EmbedParts,
+        fn_constructor_args=(str(model_dir),),
+        fn_constructor_kwargs={
+            "batch_size": batch_size,
+            "torch_threads": max(1, int(cpus_per_actor)),
+            "use_gpu": use_gpu,
+            "embed_class": embed_class,
+        },
+        batch_format="pyarrow",
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=concurrency),
+        num_cpus=cpus_per_actor,
+        num_gpus=1 if use_gpu else 0,
     )
+    for batch in results.iter_batches(batch_format="pyarrow", batch_size=None):
+        for side, rows in zip(batch["side"].to_pylist(), batch["rows"].to_pylist()):
+            written[side] += rows
+    return written
 
 
 def check_side(path: str, *, side: str, id_type: pa.DataType, dim: int, expected_rows: int) -> int:

@@ -40,6 +40,7 @@ from pipelines.contracts import (
     REASON_ITEM_NOT_IN_CATALOG,
     REASON_NOT_ENOUGH_NEGATIVES,
     REASON_NULL_ITEM_ID,
+    REASON_NULL_RANK,
     REASON_NULL_REQUEST_ID,
     REASON_NULL_TS,
     REASON_NULL_USER_ID,
@@ -352,6 +353,8 @@ def _null_reason() -> pl.Expr:
         .then(pl.lit(REASON_NULL_REQUEST_ID))
         .when(pl.col("ts_us").is_null())
         .then(pl.lit(REASON_NULL_TS))
+        .when((pl.col("table") == TABLE_CODES[TABLE_RETRIEVALS]) & pl.col("rank").is_null())
+        .then(pl.lit(REASON_NULL_RANK))
         .otherwise(pl.lit(None, dtype=pl.String))
     )
 
@@ -515,9 +518,13 @@ def build_partition(
     if bad.height:
         quarantine_parts.append(quarantine_events(bad, pl.col("reason")))
     # Rows that say "this user met this item in the window": the good ones, and those only
-    # missing a request id (they still count for the exclusion rules).
+    # missing a request id or a retrieval rank (they still count for the exclusion rules; a
+    # null rank is never in a ranked_out window).
     usable = (
-        reasons.filter(pl.col("reason").is_null() | (pl.col("reason") == REASON_NULL_REQUEST_ID))
+        reasons.filter(
+            pl.col("reason").is_null()
+            | pl.col("reason").is_in([REASON_NULL_REQUEST_ID, REASON_NULL_RANK])
+        )
         .drop("reason")
         .join(lookups.items, on="item_id", how="left")
     )

@@ -248,8 +248,9 @@ def previous_published(root: str, *, before: str) -> str | None:
 
 def gate_metric_names(ks: tuple[int, ...] | list[int]) -> list[str]:
     """The metrics evaluation produces for these cut-offs (valid ``nightly.gate_metric``s)."""
-    names = [f"{name}@{k}" for name in ("recall", "hit_rate", "ndcg", "coverage") for k in ks]
-    return sorted(names) + ["mrr"]
+    from twotower_core.metrics import metric_names
+
+    return metric_names(ks)
 
 
 @dataclass(frozen=True)

@@ -136,8 +136,9 @@ def embed_all(
 ) -> torch.Tensor:
     """Tower outputs for the given entity rows, in chunks: ``[len(idx), D]``."""
     outputs = []
+    device = next(tower.parameters()).device
     for start in range(0, len(idx), chunk):
-        ids = torch.as_tensor(idx[start : start + chunk], dtype=torch.long)
+        ids = torch.as_tensor(idx[start : start + chunk], dtype=torch.long, device=device)
         outputs.append(tower(ids, table.lookup(ids)))
     return torch.cat(outputs) if outputs else torch.zeros(0)
 
@@ -278,16 +279,26 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         item_specs=item_specs,
     )
     task = build_task(config.loss, item_counts=item_counts)
-    optimizer = _optimizer(config, model.parameters())
     state = TrainState()
+    device = ray.train.torch.get_device() if t.use_gpu else torch.device("cpu")
 
     checkpoint = ray.train.get_checkpoint()
+    saved = None
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             saved = torch.load(
                 os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=False
             )
         model.load_state_dict(saved["model"])
+    elif loop_config.get("init_from"):
+        warm_start(model, loop_config["init_from"], dataset_dir)
+        if rank == 0:
+            print(f"[train] warm start from {loop_config['init_from']}", flush=True)
+    # On the device before the optimizer exists: a loaded optimizer state follows its
+    # parameters' device, and moving the model afterwards would leave it behind.
+    model.to(device)
+    optimizer = _optimizer(config, model.parameters())
+    if saved is not None:
         optimizer.load_state_dict(saved["optimizer"])
         state = saved["state"]
         state.resumed_at_steps.append(state.global_step)
@@ -296,12 +307,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 f"[train] resumed from checkpoint: epoch {state.epoch}, step {state.global_step}",
                 flush=True,
             )
-    elif loop_config.get("init_from"):
-        warm_start(model, loop_config["init_from"], dataset_dir)
-        if rank == 0:
-            print(f"[train] warm start from {loop_config['init_from']}", flush=True)
 
-    device = ray.train.torch.get_device() if t.use_gpu else torch.device("cpu")
     user_table, item_table = user_table.to(device), item_table.to(device)
     pair = TowerPair(model, user_table, item_table)
     pair = ray.train.torch.prepare_model(pair)
@@ -472,10 +478,19 @@ def _train_step(
     return float(loss.detach())
 
 
+def _collective_device() -> torch.device:
+    """Where tensors for a collective must live: NCCL only takes CUDA tensors."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _mean_across_workers(total: float, count: int) -> float:
     import torch.distributed as dist
 
-    values = torch.tensor([total, float(count)], dtype=torch.float64)
+    values = torch.tensor([total, float(count)], dtype=torch.float64, device=_collective_device())
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(values)
     return float(values[0] / max(values[1].item(), 1.0))
@@ -486,6 +501,6 @@ def _broadcast_flag(flag: bool) -> bool:
 
     if not (dist.is_available() and dist.is_initialized()):
         return flag
-    value = torch.tensor([1 if flag else 0])
+    value = torch.tensor([1 if flag else 0], device=_collective_device())
     dist.broadcast(value, src=0)
     return bool(value.item())

@@ -59,8 +59,13 @@ class DatasetConfig:
     max_quarantine_fraction: float | None = None
     # Require every click to have an impression in the same request (else quarantined).
     require_click_impression: bool = False
-    # Number of hash partitions by user for the shuffle.
-    num_partitions: int = 8
+    # Clicks with dwell_s below this are not positives (bounces); they count as not clicked.
+    # Applied only when the clicks table has a dwell_s column; null dwell passes.
+    min_dwell_s: float | None = None
+    # Hash partitions by user for the shuffle; a partition task holds all its users' events.
+    # None: one per 250k input log rows (at least 8), so partitions stay the same size as
+    # the logs grow.
+    num_partitions: int | None = None
     # Input a shuffle-map task partitions at once, in MiB. Ray 2.60 batches up to 1 GiB per
     # task by default, which alone was a third of the 4 GiB budget at 5M impressions.
     shuffle_batch_mb: int = 128
@@ -331,13 +336,17 @@ def validate(config: Config) -> None:
     """Value checks that types alone cannot express. Raises ``ConfigError`` naming the key."""
     # Imported here: the registries live next to the code they name.
     from twotower_core.losses import LOSSES
+    from twotower_core.metrics import metric_names
     from twotower_core.similarity import SIMILARITIES
 
     ds = config.dataset
     _require(ds.eval_days >= 1, "dataset.eval_days", "must be >= 1")
     _require(ds.window_days is None or ds.window_days >= 2, "dataset.window_days", "must be >= 2")
-    _require(ds.num_partitions >= 1, "dataset.num_partitions", "must be >= 1")
+    _require(
+        ds.num_partitions is None or ds.num_partitions >= 1, "dataset.num_partitions", "must be >= 1"
+    )
     _require(ds.shuffle_batch_mb >= 1, "dataset.shuffle_batch_mb", "must be >= 1")
+    _require(ds.min_dwell_s is None or ds.min_dwell_s >= 0, "dataset.min_dwell_s", "must be >= 0")
     _require(
         ds.max_quarantine_fraction is None or 0.0 <= ds.max_quarantine_fraction <= 1.0,
         "dataset.max_quarantine_fraction",
@@ -401,6 +410,14 @@ def validate(config: Config) -> None:
     _require(t.cpus_per_worker > 0, "train.cpus_per_worker", "must be > 0")
     _require(t.max_failures >= 0, "train.max_failures", "must be >= 0")
     _require(bool(t.eval_ks) and all(k >= 1 for k in t.eval_ks), "train.eval_ks", "must be >= 1")
+    _check_name(t.early_stopping_metric, metric_names(t.eval_ks), "train.early_stopping_metric")
+    _require(
+        t.early_stopping_patience is None or t.early_stopping_patience >= 1,
+        "train.early_stopping_patience",
+        "must be >= 1",
+    )
+    _require(t.eval_max_users is None or t.eval_max_users >= 1, "train.eval_max_users", "must be >= 1")
+    _require(t.torch_threads is None or t.torch_threads >= 1, "train.torch_threads", "must be >= 1")
     _require(
         t.checkpoint_every_steps is None or t.checkpoint_every_steps >= 1,
         "train.checkpoint_every_steps",

@@ -33,6 +33,11 @@ from torch import Tensor
 from twotower_core.similarity import similarity as get_similarity
 
 
+def metric_names(ks: tuple[int, ...] | list[int]) -> list[str]:
+    """The metrics an evaluation with these cut-offs reports (valid metric config values)."""
+    names = [f"{name}@{k}" for name in ("recall", "hit_rate", "ndcg", "coverage") for k in ks]
+    return sorted(names) + ["mrr"]
+
 def _as_long(values: Tensor | np.ndarray, device: torch.device) -> Tensor:
     return torch.as_tensor(np.asarray(values) if not isinstance(values, Tensor) else values).to(
         device=device, dtype=torch.long

@@ -43,6 +43,25 @@ def test_negative_learning_rate_is_refused():
         config_from_dict({"train": {"learning_rate": -0.1}})
 
 
+@pytest.mark.parametrize(
+    "train, message",
+    [
+        ({"early_stopping_metric": "recal@50"}, r"train\.early_stopping_metric.*'recal@50'.*recall@50"),
+        # a cut-off evaluation does not compute: the score would be -inf every epoch
+        ({"early_stopping_metric": "recall@20"}, r"train\.early_stopping_metric.*'recall@20'"),
+        ({"early_stopping_patience": 0}, r"train\.early_stopping_patience.*>= 1"),
+        ({"eval_max_users": 0}, r"train\.eval_max_users.*>= 1"),
+        ({"torch_threads": -3}, r"train\.torch_threads.*>= 1"),
+    ],
+)
+def test_train_evaluation_settings_are_checked(train, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict({"train": train})
+    assert config_from_dict(
+        {"train": {"early_stopping_metric": "ndcg@20", "eval_ks": [10, 20]}}
+    ).train.early_stopping_metric == "ndcg@20"
+
+
 def test_shuffle_batch_must_be_positive():
     with pytest.raises(ConfigError, match=r"dataset\.shuffle_batch_mb.*>= 1"):
         config_from_dict({"dataset": {"shuffle_batch_mb": 0}})

@@ -18,6 +18,7 @@ from pipelines.checkpoint import load_model
 from pipelines.embed import (
     EmbedBatch,
     EmbeddingValidationError,
+    EmbedParts,
     IdIndex,
     build_manifest,
     check_pool_fits,
@@ -26,7 +27,7 @@ from pipelines.embed import (
     from_embedding_array,
     oov_buckets,
     output_schema,
-    rows_per_block,
+    plan_parts,
     to_embedding_array,
 )
 from pipelines.features import build_feature_table
@@ -376,26 +377,81 @@ def test_manifest(similarity, normalize, metric, normalized):
     assert {"model", "dataset", "created_at"} <= set(manifest)
 
 
-@pytest.mark.parametrize(
-    "num_rows, batch_size, concurrency, expected",
-    [
-        (1_000_000, 4096, 1, 62 * 4096),  # 1M / 4 blocks = 250,000 -> 62 whole batches
-        (1_000_000, 4096, 2, 31 * 4096),  # 125,000 -> 31 batches
-        (10_000_000, 4096, 1, 262_144),  # capped: 64 batches
-        (100, 4096, 2, 4096),  # never less than one batch
-        (0, 32, 1, 32),
-        (1_000_000, 500_000, 1, 500_000),  # a batch larger than the cap wins
-    ],
-)
-def test_rows_per_block(num_rows, batch_size, concurrency, expected):
-    assert rows_per_block(num_rows, batch_size=batch_size, concurrency=concurrency) == expected
+def write_row_groups(path, table: pa.Table, row_group_rows: int) -> str:
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, str(path), row_group_size=row_group_rows)
+    return str(path)
 
 
-def test_a_pool_that_takes_every_cpu_is_refused():
-    check_pool_fits(concurrency=3, cpus_per_actor=1.0, cluster_cpus=4)
+def test_plan_parts_splits_a_lone_row_group_into_whole_ranges(tmp_path):
+    source = write_row_groups(tmp_path / "t" / "a.parquet", pa.table({"x": range(10_000)}), 10_000)
+    parts = plan_parts(source, "dest", side="items", min_parts=4, batch_size=1000)
+    assert [(p["row_group"], p["start"], p["stop"]) for p in parts] == [
+        (0, 0, 2500), (0, 2500, 5000), (0, 5000, 7500), (0, 7500, 10_000)
+    ]  # fmt: skip
+    assert [p["out"] for p in parts] == [io.join("dest", f"part-{i:05d}.parquet") for i in range(4)]
+    assert {p["side"] for p in parts} == {"items"} and {p["path"] for p in parts} == {source}
+    # never a range shorter than one batch
+    assert len(plan_parts(source, "dest", side="items", min_parts=4, batch_size=4000)) == 2
+    assert len(plan_parts(source, "dest", side="items", min_parts=4, batch_size=50_000)) == 1
+
+
+def test_plan_parts_one_per_row_group_when_there_are_enough(tmp_path):
+    folder = tmp_path / "many"
+    write_row_groups(folder / "a.parquet", pa.table({"x": range(300)}), 100)
+    write_row_groups(folder / "b.parquet", pa.table({"x": range(250)}), 100)
+    parts = plan_parts(str(folder), "dest", side="users", min_parts=2, batch_size=10)
+    assert [(p["path"].rsplit("/", 1)[1], p["row_group"], p["start"], p["stop"]) for p in parts] == [
+        ("a.parquet", 0, 0, 100), ("a.parquet", 1, 0, 100), ("a.parquet", 2, 0, 100),
+        ("b.parquet", 0, 0, 100), ("b.parquet", 1, 0, 100), ("b.parquet", 2, 0, 50),
+    ]  # fmt: skip
+    empty = write_row_groups(tmp_path / "e" / "e.parquet", pa.table({"x": pa.array([], pa.int64())}), 10)
+    assert plan_parts(empty, "dest", side="users", min_parts=2, batch_size=10) == []
+
+
+def test_embed_parts_writes_each_range_as_embed_batch_would(world, tmp_path):
+    """Row ranges that cut across the reader's batches: every row once, in order, in its
+    part's file, with the values EmbedBatch gives for the whole table."""
+    import pyarrow.parquet as pq
+
+    dataset, root = world
+    model_dir = write_model_dir(root / "model_parts", dataset)
+    table = features_table(dataset, "items")  # 40 rows
+    source = write_row_groups(tmp_path / "items" / "f.parquet", table, 25)  # groups of 25, 15
+    parts = [
+        {"side": "items", "path": source, "row_group": 0, "start": 0, "stop": 11},
+        {"side": "items", "path": source, "row_group": 0, "start": 11, "stop": 25},
+        {"side": "items", "path": source, "row_group": 1, "start": 0, "stop": 15},
+    ]
+    for i, part in enumerate(parts):
+        part["out"] = str(tmp_path / "out" / f"part-{i}.parquet")
+    actor = EmbedParts(model_dir, batch_size=4)
+    done = actor(pa.Table.from_pylist(parts))
+    assert done.to_pydict() == {
+        "side": ["items"] * 3,
+        "file": [p["out"] for p in parts],
+        "rows": [11, 14, 15],
+    }
+    written = pa.concat_tables([pq.read_table(p["out"]) for p in parts])
+    expected = EmbedBatch(model_dir, "items")(table)
+    assert written["item_id"].to_pylist() == table["item_id"].to_pylist()
+    np.testing.assert_allclose(
+        from_embedding_array(written["embedding"], 32),
+        from_embedding_array(expected["embedding"], 32),
+        rtol=1e-5, atol=1e-6,
+    )  # fmt: skip
+    # a retried part rewrites its file rather than appending to it
+    actor(pa.Table.from_pylist(parts[:1]))
+    assert pq.read_table(parts[0]["out"]).num_rows == 11
+
+
+def test_a_pool_larger_than_the_cluster_is_refused():
+    check_pool_fits(concurrency=2, cpus_per_actor=1.0, cluster_cpus=2)
     check_pool_fits(concurrency=8, cpus_per_actor=1.0, cluster_cpus=0)  # autoscaling head
-    with pytest.raises(ValueError, match=r"embed.concurrency \(2\).*needs 3 CPUs.*has 2"):
-        check_pool_fits(concurrency=2, cpus_per_actor=1.0, cluster_cpus=2)
+    with pytest.raises(ValueError, match=r"embed.concurrency \(3\).*needs 3 CPUs.*has 2"):
+        check_pool_fits(concurrency=3, cpus_per_actor=1.0, cluster_cpus=2)
 
 
 def test_cli_flags_override_the_models_embed_settings(world):

@@ -286,6 +286,18 @@ def test_bad_rows_are_quarantined_with_a_reason():
     assert result.stats["window_rows"]["clicks"] == 9
 
 
+def test_a_retrieval_without_a_rank_is_quarantined_but_still_excludes():
+    """Item 9 was retrieved in r1 with no rank: a bad row, never a ranked_out candidate, and
+    (the user met it) never an unexposed negative either."""
+    retrievals = [("r1", 100, i, i - 1, T) for i in range(1, 9)] + [("r1", 100, 9, None, T)]
+    result, _ = run(scenario(retrievals=retrievals))
+    bad = result.quarantine.filter(pl.col("reason") == "null_retrieval_rank")
+    assert bad.select("table", "item_id").rows() == [("retrievals", 9)]
+    assert result.stats["quarantined_by_reason"]["null_retrieval_rank"] == 1
+    negatives = result.train.filter(pl.col("user_id") == 100)["neg_item_ids"].explode()
+    assert 9 not in negatives.to_list()
+
+
 def test_ranked_out_rank_window():
     negatives = NegativesConfig(ranked_out_min_rank=6, ranked_out_max_rank=7)
     result, _ = run(scenario(), negatives=negatives)
@@ -294,6 +306,10 @@ def test_ranked_out_rank_window():
     assert [item for item, s in user_100 if s == RO] == [8]
     assert [s for _, s in user_100].count(UNEXP) == 5
     assert result.stats["fills"][RO] == 1 + 2
+    # The upper bound is inclusive and binds: ranks 6..6 hold only the clicked item 7.
+    narrow = NegativesConfig(ranked_out_min_rank=6, ranked_out_max_rank=6)
+    result, _ = run(scenario(), negatives=narrow)
+    assert [item for item, s in negatives_of(result, 100) if s == RO] == []
 
 
 def test_without_impressions_and_retrievals_everything_is_unexposed():

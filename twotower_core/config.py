@@ -139,6 +139,8 @@ class TrainConfig:
     checkpoint_every_steps: int | None = None
     max_failures: int = 2
     eval_ks: tuple[int, ...] = (10, 50, 100)
+    # The eval metric that picks the published epoch (higher is better); "epoch" publishes the
+    # last one.
     early_stopping_metric: str = "recall@50"
     # Stop after this many epochs without improvement (None = never).
     early_stopping_patience: int | None = None
@@ -410,7 +412,11 @@ def validate(config: Config) -> None:
     _require(t.cpus_per_worker > 0, "train.cpus_per_worker", "must be > 0")
     _require(t.max_failures >= 0, "train.max_failures", "must be >= 0")
     _require(bool(t.eval_ks) and all(k >= 1 for k in t.eval_ks), "train.eval_ks", "must be >= 1")
-    _check_name(t.early_stopping_metric, metric_names(t.eval_ks), "train.early_stopping_metric")
+    _check_name(
+        t.early_stopping_metric,
+        [*metric_names(t.eval_ks), "epoch"],
+        "train.early_stopping_metric",
+    )
     _require(
         t.early_stopping_patience is None or t.early_stopping_patience >= 1,
         "train.early_stopping_patience",

@@ -57,9 +57,9 @@ def test_negative_learning_rate_is_refused():
 def test_train_evaluation_settings_are_checked(train, message):
     with pytest.raises(ConfigError, match=message):
         config_from_dict({"train": train})
-    assert config_from_dict(
-        {"train": {"early_stopping_metric": "ndcg@20", "eval_ks": [10, 20]}}
-    ).train.early_stopping_metric == "ndcg@20"
+    for metric in ("ndcg@20", "mrr", "epoch"):  # "epoch": publish the last epoch
+        settings = {"early_stopping_metric": metric, "eval_ks": [10, 20]}
+        assert config_from_dict({"train": settings}).train.early_stopping_metric == metric
 
 
 def test_shuffle_batch_must_be_positive():

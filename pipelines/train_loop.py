@@ -346,8 +346,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             batch_size=t.batch_size,
             batch_format="pyarrow",
             drop_last=True,
-            local_shuffle_buffer_size=t.batch_size * 8,
-            local_shuffle_seed=t.seed + state.epoch,
+            local_shuffle_buffer_size=t.batch_size * t.shuffle_buffer_batches or None,
+            local_shuffle_seed=t.seed + state.epoch if t.shuffle_buffer_batches else None,
         )
         for batch_number, batch in enumerate(batches):
             if batch_number < skip:

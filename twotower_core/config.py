@@ -150,6 +150,8 @@ class TrainConfig:
     # not fit), so later epochs skip Ray Data's per-epoch startup; false streams from Parquet
     # every epoch.
     materialize_dataset: bool = True
+    # Each worker shuffles its rows within a buffer of this many batches (0: data order).
+    shuffle_buffer_batches: int = 8
 
 
 @dataclass(frozen=True)
@@ -411,6 +413,7 @@ def validate(config: Config) -> None:
     _require(t.num_workers >= 1, "train.num_workers", "must be >= 1")
     _require(t.cpus_per_worker > 0, "train.cpus_per_worker", "must be > 0")
     _require(t.max_failures >= 0, "train.max_failures", "must be >= 0")
+    _require(t.shuffle_buffer_batches >= 0, "train.shuffle_buffer_batches", "must be >= 0")
     _require(bool(t.eval_ks) and all(k >= 1 for k in t.eval_ks), "train.eval_ks", "must be >= 1")
     _check_name(
         t.early_stopping_metric,

@@ -52,6 +52,7 @@ def test_negative_learning_rate_is_refused():
         ({"early_stopping_patience": 0}, r"train\.early_stopping_patience.*>= 1"),
         ({"eval_max_users": 0}, r"train\.eval_max_users.*>= 1"),
         ({"torch_threads": -3}, r"train\.torch_threads.*>= 1"),
+        ({"shuffle_buffer_batches": -1}, r"train\.shuffle_buffer_batches.*>= 0"),
     ],
 )
 def test_train_evaluation_settings_are_checked(train, message):

@@ -457,9 +457,24 @@ def _shared(ref: Any) -> Any:
     return _SHARED_CACHE[key]
 
 
+# Second shuffle key: 0 for every row with a user, a running number for rows without one.
+# Rows of one user still share (user_id, 0) and so a partition; rows with a null user_id
+# (anonymous traffic, quarantined by build_partition) spread over all partitions instead of
+# all hashing to one.
+SPREAD_COLUMN = "_spread"
+SHUFFLE_KEYS = ["user_id", SPREAD_COLUMN]
+
+
+def with_spread(events: pl.DataFrame) -> pl.DataFrame:
+    spread = pl.when(pl.col("user_id").is_null()).then(pl.int_range(pl.len())).otherwise(0)
+    return events.with_columns(spread.cast(pl.Int64).alias(SPREAD_COLUMN))
+
+
 def _ray_read_events(batch: pa.Table, *, spec: _ReadSpec) -> pa.Table:
     events = _read_events(batch.to_pylist(), spec)
-    return events.to_arrow().cast(event_schema(spec.user_id_type, spec.item_id_type))
+    schema = event_schema(spec.user_id_type, spec.item_id_type)
+    table = with_spread(events).to_arrow()
+    return table.cast(schema.append(pa.field(SPREAD_COLUMN, pa.int64())))
 
 
 def _ray_summarize(
@@ -482,7 +497,8 @@ def _ray_ts_range(batch: pa.Table) -> pa.Table:
 def _ray_build(
     batch: pa.Table, *, lookups_ref: Any, settings: PartitionSettings, output: _OutputSpec
 ) -> pa.Table:
-    return _build_and_write(pl.from_arrow(batch), _shared(lookups_ref), settings, output)
+    events = pl.from_arrow(batch).drop(SPREAD_COLUMN, strict=False)
+    return _build_and_write(events, _shared(lookups_ref), settings, output)
 
 
 class RayEngine:
@@ -571,7 +587,7 @@ class RayEngine:
         finally:
             context.shuffle_input_batch_bytes = previous
         # All events of a user land in one partition; a partition is one block, one batch.
-        return events.repartition(self.num_partitions, keys=["user_id"]).map_batches(
+        return events.repartition(self.num_partitions, keys=SHUFFLE_KEYS).map_batches(
             _ray_build,
             batch_size=None,
             batch_format="pyarrow",

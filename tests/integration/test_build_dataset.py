@@ -285,3 +285,25 @@ def test_shuffle_map_batch_is_bounded_by_config(ray_local):
     assert rows.context.shuffle_input_batch_bytes == 64 * 2**20
     # The process-wide context is left as it was for other Datasets.
     assert context.shuffle_input_batch_bytes == default != 64 * 2**20
+
+
+def test_rows_without_a_user_spread_over_the_partitions(ray_local, tmp_path):
+    """Anonymous impressions (null user_id) are quarantined by many partitions, not all by
+    one; every user's rows still meet in one partition (same rows as one process)."""
+    day = "2026-11-01 10:00"
+    logs = HandLogs(
+        clicks=[(f"r{u}", u, 1 + u % 5, day) for u in range(1, 9)]
+        + [("r1", 1, 2, "2026-11-02 09:00")],
+        impressions=[(f"r{u}", u, 1 + u % 5, 0, day) for u in range(1, 9)]
+        + [(f"anon{i}", None, 1 + i % 20, 0, day) for i in range(400)],
+        items=range(1, 21),
+    ).write(tmp_path / "logs")
+    config = DatasetConfig(num_partitions=4, seed=1)
+    ray_run = build_dataset(logs, str(tmp_path / "ray"), config)
+    assert ray_run.manifest["counts"]["quarantined_by_reason"] == {"null_user_id": 400}
+    files = io.list_files(io.join(ray_run.out, "quarantine"))
+    per_file = [pq.read_metadata(f).num_rows for f in files]
+    assert len(per_file) >= 3 and max(per_file) < 250, per_file
+    local = build_dataset(logs, str(tmp_path / "local"), config, engine="local")
+    for folder in ("train", "eval", "quarantine"):
+        assert read(ray_run.out, folder).equals(read(local.out, folder)), folder

@@ -107,10 +107,13 @@ def run(
     from jobs.ray_runtime import ensure_ray
 
     ensure_ray(address)
+    resources = ray.cluster_resources()
     check_pool_fits(
         concurrency=settings.concurrency,
         cpus_per_actor=settings.cpus_per_actor,
-        cluster_cpus=ray.cluster_resources().get("CPU", 0.0),
+        cluster_cpus=resources.get("CPU", 0.0),
+        use_gpu=settings.use_gpu,
+        cluster_gpus=resources.get("GPU", 0.0),
     )
     seconds: dict[str, float] = {}
     with io.staged_output(out, overwrite=overwrite) as staging:

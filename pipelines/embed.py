@@ -261,17 +261,33 @@ def source_id_type(source: str, side: str) -> pa.DataType:
     return schema.field(SIDES[side]).type
 
 
-def check_pool_fits(*, concurrency: int, cpus_per_actor: float, cluster_cpus: float) -> None:
+def check_pool_fits(
+    *,
+    concurrency: int,
+    cpus_per_actor: float,
+    cluster_cpus: float,
+    use_gpu: bool = False,
+    cluster_gpus: float = 0.0,
+) -> None:
     """Refuse an actor pool larger than the cluster up front: Ray Data would wait forever for
     actors that cannot be placed. A cluster that reports no CPUs yet (an autoscaling head) is
-    let through. The actors read and write themselves, so they are the only CPU users.
+    let through. The actors read and write themselves, so they are the only CPU users; with
+    ``use_gpu`` each also needs one GPU.
     """
+    if cluster_cpus <= 0:
+        return
     needed = concurrency * cpus_per_actor
-    if 0 < cluster_cpus < needed:
+    if cluster_cpus < needed:
         raise ValueError(
             f"embed.concurrency ({concurrency}) x embed.cpus_per_actor ({cpus_per_actor}) "
             f"needs {needed:g} CPUs; this Ray cluster has {cluster_cpus:g}. "
             "Lower embed.concurrency or embed.cpus_per_actor."
+        )
+    if use_gpu and cluster_gpus < concurrency:
+        raise ValueError(
+            f"embed.use_gpu with embed.concurrency {concurrency} needs {concurrency} GPUs, one "
+            f"per actor; this Ray cluster has {cluster_gpus:g}. Lower embed.concurrency or "
+            "drop --use-gpu."
         )
 
 

@@ -452,6 +452,10 @@ def test_a_pool_larger_than_the_cluster_is_refused():
     check_pool_fits(concurrency=8, cpus_per_actor=1.0, cluster_cpus=0)  # autoscaling head
     with pytest.raises(ValueError, match=r"embed.concurrency \(3\).*needs 3 CPUs.*has 2"):
         check_pool_fits(concurrency=3, cpus_per_actor=1.0, cluster_cpus=2)
+    # --use-gpu: one GPU per actor
+    check_pool_fits(concurrency=2, cpus_per_actor=1.0, cluster_cpus=8, use_gpu=True, cluster_gpus=2)
+    with pytest.raises(ValueError, match=r"needs 2 GPUs, one per actor; this Ray cluster has 0"):
+        check_pool_fits(concurrency=2, cpus_per_actor=1.0, cluster_cpus=8, use_gpu=True)
 
 
 def test_cli_flags_override_the_models_embed_settings(world):
@@ -465,6 +469,9 @@ def test_cli_flags_override_the_models_embed_settings(world):
     config = embed_job.config_from_args(args)
     assert (config.embed.batch_size, config.embed.concurrency) == (64, 3)
     assert config.loss.similarity == "cosine"  # the rest is the model's own config
+    assert config.embed.use_gpu is False
+    gpu = embed_job.config_from_args(parser.parse_args(["--model", model_dir, "--out", "x", "--use-gpu"]))
+    assert gpu.embed.use_gpu is True
     assert (
         embed_job.config_from_args(parser.parse_args(["--model", model_dir, "--out", "x"])) is None
     )

@@ -371,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         "--partitions",
         type=int,
         default=None,
-        help="dataset.num_partitions (default: one per 250k input log rows, at least 8)",
+        help="dataset.num_partitions (default: the job's, one per 250k input log rows, at least 8)",
     )
     parser.add_argument(
         "--ray-runs",
@@ -403,10 +403,10 @@ def main(argv: list[str] | None = None) -> int:
     spec = world_spec(args.impressions, days=args.days, items=args.items, seed=args.seed)
     logs, rows = ensure_world(spec, work_dir)
     print(f"logs: {logs} {rows}", flush=True)
-    input_rows = sum(rows[t] for t in LOG_TABLES)
-    partitions = args.partitions or max(8, -(-input_rows // 250_000))
-    overrides = [f"dataset.seed={args.seed}", f"dataset.num_partitions={partitions}"]
-    print(f"{partitions} partitions", flush=True)
+    overrides = [f"dataset.seed={args.seed}"]
+    if args.partitions:
+        overrides.append(f"dataset.num_partitions={args.partitions}")
+    print(f"partitions: {args.partitions or 'the job default (one per 250k log rows)'}", flush=True)
 
     results = []
     if not args.skip_polars:

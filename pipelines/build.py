@@ -574,18 +574,11 @@ class RayEngine:
         held 1.4 GiB, and its worker kept it after the task ended.
         """
         import ray
-        import ray.data
 
-        context = ray.data.DataContext.get_current()
-        previous = context.shuffle_input_batch_bytes
-        # The Dataset keeps a copy of the context it was made under.
-        context.shuffle_input_batch_bytes = self.shuffle_batch_bytes
-        try:
+        with io.data_context(shuffle_input_batch_bytes=self.shuffle_batch_bytes):
             events = self._units(units).map_batches(
                 _ray_read_events, batch_format="pyarrow", fn_kwargs={"spec": spec}
             )
-        finally:
-            context.shuffle_input_batch_bytes = previous
         # All events of a user land in one partition; a partition is one block, one batch.
         return events.repartition(self.num_partitions, keys=SHUFFLE_KEYS).map_batches(
             _ray_build,
@@ -654,7 +647,6 @@ def _check_engine(name: str) -> None:
 
 
 def _make_engine(name: str, config: DatasetConfig, num_partitions: int):
-    _check_engine(name)
     if name == "ray":
         return RayEngine(num_partitions, config.shuffle_batch_mb)
     return LocalEngine()

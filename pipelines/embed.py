@@ -356,11 +356,12 @@ class EmbedParts:
         }
 
     def __call__(self, parts: pa.Table) -> pa.Table:
-        done = [self.embed_part(part) for part in parts.to_pylist()]
+        parts = parts.to_pylist()
+        done = [self.embed_part(part) for part in parts]
         return pa.table(
             {
-                "side": [part["side"] for part in parts.to_pylist()],
-                "file": [part["out"] for part in parts.to_pylist()],
+                "side": [part["side"] for part in parts],
+                "file": [part["out"] for part in parts],
                 "rows": pa.array(done, pa.int64()),
             }
         )
@@ -385,26 +386,30 @@ class EmbedParts:
         embed = self.sides[part["side"]]
         fs, inner = io.resolve(part["out"])
         fs.create_dir(inner.rsplit("/", 1)[0], recursive=True)
-        rows, pending, writer = 0, [], None
+        rows, pending, pending_rows, writer = 0, [], 0, None
         try:
             for batch in self._batches(part):
                 pending.append(embed(batch))
-                if sum(t.num_rows for t in pending) >= OUTPUT_ROW_GROUP_ROWS:
-                    writer = writer or pq.ParquetWriter(
-                        inner, pending[0].schema, filesystem=fs, **PARQUET_WRITE_OPTIONS
-                    )
-                    writer.write_table(pa.concat_tables(pending))
-                    rows, pending = rows + sum(t.num_rows for t in pending), []
+                pending_rows += pending[-1].num_rows
+                if pending_rows >= OUTPUT_ROW_GROUP_ROWS:
+                    writer = _append_row_group(writer, fs, inner, pending)
+                    rows, pending, pending_rows = rows + pending_rows, [], 0
             if pending:
-                writer = writer or pq.ParquetWriter(
-                    inner, pending[0].schema, filesystem=fs, **PARQUET_WRITE_OPTIONS
-                )
-                writer.write_table(pa.concat_tables(pending))
-                rows += sum(t.num_rows for t in pending)
+                writer = _append_row_group(writer, fs, inner, pending)
+                rows += pending_rows
         finally:
             if writer is not None:
                 writer.close()
         return rows
+
+
+def _append_row_group(writer, fs, path: str, tables: list[pa.Table]) -> pq.ParquetWriter:
+    """Write ``tables`` as one row group of ``path``, opening the writer on first use."""
+    writer = writer or pq.ParquetWriter(
+        path, tables[0].schema, filesystem=fs, **PARQUET_WRITE_OPTIONS
+    )
+    writer.write_table(pa.concat_tables(tables))
+    return writer
 
 
 def embed_with_ray(

@@ -257,13 +257,28 @@ def ray_read_parquet(path: str, *, columns: list[str] | None = None):
     """
     import ray.data
 
-    context = ray.data.DataContext.get_current()
-    previous = context.use_datasource_v2
-    context.use_datasource_v2 = False
-    try:
+    with data_context(use_datasource_v2=False):
         return ray.data.read_parquet(path, columns=columns)
+
+
+@contextlib.contextmanager
+def data_context(**settings: Any) -> Iterator[None]:
+    """Ray Data context values for the Datasets made inside, restored on exit.
+
+    A Dataset keeps a copy of the context it was made under, so the process-wide context
+    (and every other Dataset) is left as it was.
+    """
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    previous = {name: getattr(context, name) for name in settings}
+    for name, value in settings.items():
+        setattr(context, name, value)
+    try:
+        yield
     finally:
-        context.use_datasource_v2 = previous
+        for name, value in previous.items():
+            setattr(context, name, value)
 
 
 def absolute(path: str | None) -> str | None:

@@ -72,6 +72,7 @@ def check_inputs(dataset: str, *, init_from: str | None) -> None:
 
 def infer_specs(dataset: str, config: Config):
     from pipelines.features import infer_feature_specs
+    from pipelines.train_loop import load_history_codes
 
     users = io.read_table(io.join(dataset, "features", "users.parquet"))
     items = io.read_table(io.join(dataset, "features", "items.parquet"))
@@ -81,6 +82,8 @@ def infer_specs(dataset: str, config: Config):
     item_specs = infer_feature_specs(
         items, exclude=ITEM_KEY_COLUMNS, overrides=config.model.item_feature_kinds
     )
+    # A bad model.user_history_feature fails here, before Ray starts.
+    load_history_codes(dataset, user_specs, config)
     return user_specs, item_specs
 
 

@@ -234,6 +234,37 @@ def _encode_bag(column: pa.ChunkedArray, spec: FeatureSpec) -> np.ndarray:
     return padded
 
 
+def history_codes(
+    user_specs: Iterable[FeatureSpec], feature: str, item_ids: pa.ChunkedArray | pa.Array
+) -> np.ndarray:
+    """[I] int64 code of each item (row = item_idx) in the user bag feature ``feature``, 0 where
+    the bag's vocabulary lacks it (``model.user_history_feature``).
+
+    Raises ValueError, naming the key, when ``feature`` is not a user bag feature, when its
+    values are not of the items' id type, or when no item id is among its values.
+    """
+    key = "model.user_history_feature"
+    specs = {spec.name: spec for spec in user_specs}
+    spec = specs.get(feature)
+    if spec is None:
+        raise ValueError(
+            f"{key}: {feature!r} is not a user feature (user features: {', '.join(specs) or 'none'})"
+        )
+    if spec.kind != "bag":
+        raise ValueError(f"{key}: user feature {feature!r} is {spec.kind}, not a bag of item ids")
+    item_ids = _plain(item_ids if isinstance(item_ids, pa.ChunkedArray) else pa.chunked_array([item_ids]))
+    try:
+        codes = _codes(item_ids, spec.vocabulary, feature)
+    except ValueError as error:
+        raise ValueError(f"{key}: user feature {feature!r} does not hold item ids: {error}") from None
+    if len(codes) and not codes.any():
+        raise ValueError(
+            f"{key}: no item id is among the values of user feature {feature!r}; it must be a "
+            f"bag of item ids (the user's past items)"
+        )
+    return codes
+
+
 def build_feature_table(table: pa.Table, specs: Iterable[FeatureSpec]) -> FeatureTable:
     """A ``FeatureTable`` of ``table`` (row r = entity with dense index r)."""
     arrays = encode_features(table, specs)

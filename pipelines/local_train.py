@@ -32,6 +32,7 @@ from pipelines.train_loop import (
     _train_step,
     batch_tensors,
     load_entity_tables,
+    load_history_codes,
 )
 from twotower_core.config import Config
 from twotower_core.features import FeatureTable
@@ -147,7 +148,8 @@ def fit(
         user_specs=user_specs,
         item_specs=item_specs,
     )
-    pair = TowerPair(model, user_table, item_table)
+    history = load_history_codes(dataset, user_specs, config)
+    pair = TowerPair(model, user_table, item_table, history, config.model.history_dropout)
     task = build_task(config.loss, item_counts=counts)
     optimizer = _optimizer(config, model.parameters())
     if rows is None:

@@ -44,23 +44,63 @@ class TowerPair(nn.Module):
     """Both towers behind one ``forward`` so DDP sees every parameter in a single call.
 
     Feature tables are plain tensors looked up by index, not parameters or buffers: DDP
-    never broadcasts them.
+    never broadcasts them. With ``history`` (``model.user_history_feature``: the bag feature's
+    name and the [I] code of each item in it), each row's target item is taken out of its
+    user's bag, and in train mode each other value is dropped with ``history_dropout``.
     """
 
     def __init__(
-        self, model: TwoTowerModel, user_features: FeatureTable, item_features: FeatureTable
+        self,
+        model: TwoTowerModel,
+        user_features: FeatureTable,
+        item_features: FeatureTable,
+        history: tuple[str, torch.Tensor] | None = None,
+        history_dropout: float = 0.0,
     ):
         super().__init__()
         self.model = model
         self.user_features = user_features
         self.item_features = item_features
+        self.history = history
+        self.history_dropout = history_dropout
 
     def forward(
-        self, user_idx_B: torch.Tensor, item_idx_M: torch.Tensor
+        self,
+        user_idx_B: torch.Tensor,
+        item_idx_M: torch.Tensor,
+        target_item_idx_B: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        user_BD = self.model.user_tower(user_idx_B, self.user_features.lookup(user_idx_B))
+        user_features = self.user_features.lookup(user_idx_B)
+        if self.history is not None and target_item_idx_B is not None:
+            name, codes_I = self.history
+            bag_BL = without_targets(
+                user_features[name], codes_I[target_item_idx_B.to(codes_I.device)]
+            )
+            if self.training and self.history_dropout > 0:
+                dropped_BL = torch.rand(bag_BL.shape, device=bag_BL.device) < self.history_dropout
+                bag_BL = bag_BL.masked_fill(dropped_BL, 0)
+            user_features[name] = bag_BL
+        user_BD = self.model.user_tower(user_idx_B, user_features)
         item_MD = self.model.item_tower(item_idx_M, self.item_features.lookup(item_idx_M))
         return user_BD, item_MD
+
+
+def without_targets(bag_BL: torch.Tensor, target_code_B: torch.Tensor) -> torch.Tensor:
+    """[B, L] bag codes with each row's target code set to 0 (padding); code 0 stays 0."""
+    return bag_BL.masked_fill(bag_BL == target_code_B[:, None], 0)
+
+
+def load_history_codes(
+    dataset_dir: str, user_specs: list[FeatureSpec], config: Config
+) -> tuple[str, torch.Tensor] | None:
+    """(feature, [I] code of each item in it) for ``model.user_history_feature``, or None."""
+    from pipelines.features import history_codes
+
+    feature = config.model.user_history_feature
+    if feature is None:
+        return None
+    item_ids = io.read_table(io.join(dataset_dir, "vocab", "items.parquet"), columns=["item_id"])
+    return feature, torch.from_numpy(history_codes(user_specs, feature, item_ids["item_id"]))
 
 
 @dataclass
@@ -309,7 +349,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             )
 
     user_table, item_table = user_table.to(device), item_table.to(device)
-    pair = TowerPair(model, user_table, item_table)
+    history = load_history_codes(dataset_dir, user_specs, config)
+    if history is not None:
+        history = (history[0], history[1].to(device))
+    pair = TowerPair(model, user_table, item_table, history, config.model.history_dropout)
     pair = ray.train.torch.prepare_model(pair)
     eval_data = (
         load_eval_data(dataset_dir, max_users=t.eval_max_users, seed=t.seed) if rank == 0 else None
@@ -452,7 +495,7 @@ def _train_step(
             device
         )
         parts.append(sampled_idx_S)
-    user_BD, item_MD = pair(user_idx, torch.cat(parts))
+    user_BD, item_MD = pair(user_idx, torch.cat(parts), item_idx)
     pos_BD = item_MD[:batch_size]
     offset = batch_size
     neg_BND = None

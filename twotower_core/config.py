@@ -87,11 +87,22 @@ class ModelConfig:
     # Unseen ids map to one of these shared rows (by hash of their index).
     num_oov_buckets: int = 1
     use_ids: bool = True
+    # False: the user tower has no ID embedding and embeds a user from its features alone
+    # (e.g. the history bag), as it would an unseen user; the item tower follows use_ids.
+    user_id_embedding: bool = True
     use_features: bool = True
     bag_pooling: str = "mean"
     # Per-column feature kind override: column -> categorical | numeric | bag | ignore.
     user_feature_kinds: dict[str, str] = field(default_factory=dict)
     item_feature_kinds: dict[str, str] = field(default_factory=dict)
+    # A user bag feature of item ids (the user's past items). In training, each row's own
+    # positive is taken out of that row's bag: the bag is per user and holds every train item,
+    # so otherwise the tower learns to find the target in it, a shortcut that is never there
+    # when serving (the items to retrieve are not in the history). None = no such feature.
+    user_history_feature: str | None = None
+    # In training, each value of the history bag is dropped with this probability (a denoising
+    # input dropout, as in Mult-DAE); the embed job always reads the whole bag.
+    history_dropout: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -386,6 +397,22 @@ def validate(config: Config) -> None:
     for side in ("user_feature_kinds", "item_feature_kinds"):
         for column, kind in getattr(m, side).items():
             _check_name(kind, FEATURE_KINDS, f"model.{side}.{column}")
+    _require(0.0 <= m.history_dropout < 1.0, "model.history_dropout", "must be in [0, 1)")
+    _require(
+        m.history_dropout == 0.0 or m.user_history_feature is not None,
+        "model.history_dropout",
+        "needs model.user_history_feature",
+    )
+    history = m.user_history_feature
+    if history is not None:
+        _require(bool(history), "model.user_history_feature", "must be a column name or null")
+        _require(m.use_features, "model.user_history_feature", "needs model.use_features")
+        _require(
+            m.user_feature_kinds.get(history, "bag") == "bag",
+            "model.user_history_feature",
+            f"names {history!r}, whose kind in model.user_feature_kinds is "
+            f"{m.user_feature_kinds.get(history)!r}, not bag",
+        )
 
     loss = config.loss
     _check_name(loss.name, LOSSES, "loss.name")

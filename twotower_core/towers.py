@@ -48,8 +48,18 @@ def _activation(name: str) -> nn.Module:
 class Tower(nn.Module):
     """One entity kind's tower: ``forward(ids_B, features) -> [B, D]``."""
 
-    def __init__(self, num_ids: int, specs: Sequence[FeatureSpec], config: ModelConfig) -> None:
+    def __init__(
+        self,
+        num_ids: int,
+        specs: Sequence[FeatureSpec],
+        config: ModelConfig,
+        *,
+        use_ids: bool | None = None,
+    ) -> None:
+        """``use_ids`` overrides ``config.use_ids`` (the user tower passes
+        ``model.user_id_embedding``)."""
         super().__init__()
+        use_ids = config.use_ids if use_ids is None else use_ids
         if num_ids < 0:
             raise ValueError(f"num_ids must be >= 0, got {num_ids}")
         self.num_ids = num_ids
@@ -57,7 +67,7 @@ class Tower(nn.Module):
         self.normalize = config.normalize
         self.specs = list(specs)
         self.id_embedding = None
-        if config.use_ids:
+        if use_ids:
             self.id_embedding = nn.Embedding(
                 num_ids + config.num_oov_buckets, config.id_embedding_dim
             )
@@ -68,11 +78,14 @@ class Tower(nn.Module):
             # Zero rows contribute nothing (and get no gradient, so they stay zero).
             nn.init.zeros_(self.id_embedding.weight[num_ids:])
         self.features = FeatureEncoder(specs, config) if config.use_features and specs else None
-        input_dim = (config.id_embedding_dim if config.use_ids else 0) + (
+        input_dim = (config.id_embedding_dim if use_ids else 0) + (
             self.features.output_dim if self.features is not None else 0
         )
         if input_dim == 0:
-            raise ValueError("a tower needs ID embeddings (model.use_ids) or at least one feature")
+            raise ValueError(
+                "a tower needs ID embeddings (model.use_ids, model.user_id_embedding) or at least "
+                "one feature"
+            )
         layers: list[nn.Module] = []
         for hidden_dim in config.hidden_dims:
             layers.append(nn.Linear(input_dim, hidden_dim))
@@ -150,7 +163,10 @@ def build_two_tower(
     user_specs: Sequence[FeatureSpec] = (),
     item_specs: Sequence[FeatureSpec] = (),
 ) -> TwoTowerModel:
-    return TwoTowerModel(Tower(num_users, user_specs, config), Tower(num_items, item_specs, config))
+    user_tower = Tower(
+        num_users, user_specs, config, use_ids=config.use_ids and config.user_id_embedding
+    )
+    return TwoTowerModel(user_tower, Tower(num_items, item_specs, config))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -54,3 +54,16 @@ def test_init_from_must_be_a_published_model(tmp_path, monkeypatch):
 def test_state_dir_is_a_hidden_sibling(tmp_path):
     assert train.state_dir_for(str(tmp_path / "model")) == str(tmp_path / ".model._train")
     assert train.state_dir_for("s3://bucket/runs/model/") == "s3://bucket/runs/.model._train"
+
+
+def test_a_history_feature_that_is_not_a_user_bag_is_named_before_ray(tmp_path, capsys):
+    from pipelines.build import build_dataset
+    from pipelines.synthetic import WorldSpec, generate_world
+    from twotower_core.config import config_from_dict
+
+    logs = str(tmp_path / "logs")
+    generate_world(WorldSpec(users=30, items=60, days=3, seed=1), logs)
+    build_dataset(logs, str(tmp_path / "dataset"), config_from_dict({}).dataset, engine="local")
+    assert _cli(tmp_path, "--set", "model.user_history_feature=country") == 2
+    err = capsys.readouterr().err
+    assert "model.user_history_feature" in err and "'country'" in err

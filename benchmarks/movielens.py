@@ -533,7 +533,8 @@ def write_dataset(
     """Write ``split`` as a Contract 2 dataset dir (train/ shuffled with ``seed``); its manifest.
 
     features/users.parquet also gets ``history``: the item ids of the user's train rows (a bag;
-    a model that should not see it sets ``model.user_feature_kinds.history: ignore``).
+    a model that should not see it sets ``model.user_feature_kinds.history: ignore``; with
+    ``model.user_history_feature: history`` training takes each row's own target out of it).
     """
     from pipelines import io
     from pipelines.contracts import (

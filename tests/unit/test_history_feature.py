@@ -152,3 +152,19 @@ def test_history_only_user_tower_has_no_id_rows_and_items_keep_theirs():
 def test_history_config_is_checked(model, message):
     with pytest.raises(ConfigError, match=message):
         config_from_dict({"model": model})
+
+
+def test_load_history_codes_reads_the_item_vocab_of_the_dataset(tmp_path):
+    from pipelines import io
+    from pipelines.train_loop import load_history_codes
+
+    io.write_table(
+        str(tmp_path / "vocab" / "items.parquet"),
+        pa.table({"item_id": ITEM_IDS[::-1].copy(), "item_idx": np.arange(5), "count": [1] * 5}),
+    )
+    specs = infer_feature_specs(_users(), exclude={"user_idx", "user_id"})
+    on = config_from_dict({"model": {"user_history_feature": "history"}})
+    name, codes_I = load_history_codes(str(tmp_path), specs, on)
+    # Row i is item_idx i: ids 504, 503, ..., 500.
+    assert name == "history" and codes_I.tolist() == [0, 4, 3, 2, 1]
+    assert load_history_codes(str(tmp_path), specs, config_from_dict({})) is None

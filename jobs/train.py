@@ -123,6 +123,7 @@ def run(
             "user_specs": [s.to_dict() for s in user_specs],
             "item_specs": [s.to_dict() for s in item_specs],
             "init_from": init_from,
+            "state_dir": state_dir,
         },
         scaling_config=ScalingConfig(
             num_workers=t.num_workers,
@@ -160,6 +161,7 @@ def run(
         "epochs": state.history,
         "global_step": state.global_step,
         "resumed_at_steps": state.resumed_at_steps,
+        "warm_start": getattr(state, "warm_start", None),
         "loss": config.loss.name,
         "similarity": config.loss.similarity,
         "dataset": str(dataset),

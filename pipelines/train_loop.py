@@ -126,6 +126,8 @@ class TrainState:
     best_state_dict: dict[str, torch.Tensor] | None = None
     # global_step at every restore from a checkpoint (worker restart or relaunched driver).
     resumed_at_steps: list[int] = field(default_factory=list)
+    # --init-from: ids kept and new per tower, tensors left fresh (None without a warm start).
+    warm_start: dict[str, Any] | None = None
 
 
 def to_csr(
@@ -270,8 +272,9 @@ def load_entity_tables(
     )
 
 
-def warm_start(model: TwoTowerModel, init_from: str, dataset_dir: str) -> None:
-    """Copy a previous model's rows for ids known to both; new ids keep their fresh init."""
+def warm_start(model: TwoTowerModel, init_from: str, dataset_dir: str):
+    """Copy a previous model's rows for ids known to both; new ids keep their fresh init.
+    Returns the ``WarmStartReport`` (rows kept and new per tower)."""
     from pipelines.checkpoint import CHECKPOINT_DIR, MODEL_FILE, VOCAB_DIR
     from twotower_core.towers import remap_id_rows
 
@@ -283,7 +286,7 @@ def warm_start(model: TwoTowerModel, init_from: str, dataset_dir: str) -> None:
         )
         new = io.read_table(io.join(dataset_dir, "vocab", f"{side}.parquet"), columns=[column])
         maps[side] = torch.as_tensor(row_map(old[column], new[column]))
-    remap_id_rows(
+    return remap_id_rows(
         model,
         payload["state_dict"],
         user_index_map=maps["users"],
@@ -331,9 +334,22 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             )
         model.load_state_dict(saved["model"])
     elif loop_config.get("init_from"):
-        warm_start(model, loop_config["init_from"], dataset_dir)
+        report = warm_start(model, loop_config["init_from"], dataset_dir)
+        state.warm_start = {
+            "kept_rows": report.kept_rows,
+            "new_rows": report.new_rows,
+            "fresh_tensors": report.fresh,
+        }
         if rank == 0:
-            print(f"[train] warm start from {loop_config['init_from']}", flush=True)
+            print(
+                f"[train] warm start from {loop_config['init_from']}: "
+                + "; ".join(
+                    f"{tower} {report.kept_rows[tower]} ids kept, {report.new_rows[tower]} new"
+                    for tower in report.kept_rows
+                )
+                + f"; {len(report.fresh)} tensors fresh",
+                flush=True,
+            )
     # On the device before the optimizer exists: a loaded optimizer state follows its
     # parameters' device, and moving the model afterwards would leave it behind.
     model.to(device)
@@ -459,6 +475,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 flush=True,
             )
         state.history.append(row)
+        if rank == 0 and loop_config.get("state_dir"):
+            # Every finished epoch, while the run goes on (the model dir has it at publish).
+            io.replace_file_atomically(
+                io.join(loop_config["state_dir"], "train_log.csv"), history_csv(state.history)
+            )
         state.epoch += 1
         state.step_in_epoch = 0
         stop = _broadcast_flag(stop)

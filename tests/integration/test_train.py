@@ -88,7 +88,8 @@ def _start_training(dataset: str, out: Path, log: Path) -> subprocess.Popen:
 
 
 def _wait_for_checkpoint(out: Path, process: subprocess.Popen, timeout: float = 240) -> None:
-    """Wait until checkpoints exist and the controller has had time to register one.
+    """Wait until epoch 1 is in the live CSV log, checkpoints exist and the controller has had
+    time to register one.
 
     Ray Train's controller polls workers every 2 s: a checkpoint written just before a crash
     may not be registered yet, and the restart would then begin from the one before.
@@ -96,7 +97,9 @@ def _wait_for_checkpoint(out: Path, process: subprocess.Popen, timeout: float = 
     state = out.parent / f".{out.name}._train" / "run"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if state.exists() and sum(p.name.startswith("checkpoint_") for p in state.iterdir()) >= 2:
+        epoch_logged = (state.parent / "train_log.csv").exists()
+        checkpoints = state.exists() and sum(p.name.startswith("checkpoint_") for p in state.iterdir())
+        if epoch_logged and checkpoints >= 2:
             time.sleep(3)
             assert process.poll() is None, "training ended before it could be interrupted"
             return
@@ -132,6 +135,10 @@ def test_rerun_after_a_killed_driver_resumes(dataset, tmp_path):
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)
     assert not io.exists(str(out)), "a killed run must not publish"
+    # The CSV log is written every epoch while the run goes on, not only at publish.
+    live_log = tmp_path / ".model._train" / "train_log.csv"
+    rows = live_log.read_text().splitlines()
+    assert rows[0].startswith("epoch,") and len(rows) >= 2, rows
     second_log = tmp_path / "second.log"
     second = _start_training(dataset, out, second_log)
     try:
@@ -208,3 +215,7 @@ def test_warm_start_keeps_known_rows_adds_new_drops_removed(
         assert distances.min() > 1e-3, "a new id must get a fresh row, not a copied one"
     warm = io.read_json(io.join(new_model, "metrics.json"))
     assert warm["init_from"] == old_model
+    # The warm-start report is kept with the model.
+    assert warm["warm_start"]["kept_rows"]["item_tower"] == len(known)
+    assert warm["warm_start"]["new_rows"]["item_tower"] == len(new_ids)
+    assert io.read_json(io.join(old_model, "metrics.json"))["warm_start"] is None

@@ -407,6 +407,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             drop_last=True,
             local_shuffle_buffer_size=t.batch_size * t.shuffle_buffer_batches or None,
             local_shuffle_seed=t.seed + state.epoch if t.shuffle_buffer_batches else None,
+            prefetch_batches=prefetch_batches(t),
         )
         for batch_number, batch in enumerate(batches):
             if batch_number < skip:
@@ -540,6 +541,13 @@ def _train_step(
     loss.backward()
     optimizer.step()
     return float(loss.detach())
+
+
+def prefetch_batches(t) -> int:
+    """``train.prefetch_batches``, or its default: 1 with a GPU, 0 on CPU."""
+    if t.prefetch_batches is not None:
+        return t.prefetch_batches
+    return 1 if t.use_gpu else 0
 
 
 def _collective_device() -> torch.device:

@@ -163,6 +163,11 @@ class TrainConfig:
     materialize_dataset: bool = True
     # Each worker shuffles its rows within a buffer of this many batches (0: data order).
     shuffle_buffer_batches: int = 8
+    # Batches Ray Data fetches ahead in a background thread of each worker. None: 1 with a GPU
+    # (the fetch overlaps device compute), 0 on CPU, where that thread competes with the
+    # training step for the same cores and the GIL (1-worker throughput: 0.87x of a plain loop
+    # with it, 0.99x without, benchmarks/train_throughput.py).
+    prefetch_batches: int | None = None
 
 
 @dataclass(frozen=True)
@@ -441,6 +446,9 @@ def validate(config: Config) -> None:
     _require(t.cpus_per_worker > 0, "train.cpus_per_worker", "must be > 0")
     _require(t.max_failures >= 0, "train.max_failures", "must be >= 0")
     _require(t.shuffle_buffer_batches >= 0, "train.shuffle_buffer_batches", "must be >= 0")
+    _require(
+        t.prefetch_batches is None or t.prefetch_batches >= 0, "train.prefetch_batches", "must be >= 0"
+    )
     _require(bool(t.eval_ks) and all(k >= 1 for k in t.eval_ks), "train.eval_ks", "must be >= 1")
     _check_name(
         t.early_stopping_metric,

@@ -53,6 +53,7 @@ def test_negative_learning_rate_is_refused():
         ({"eval_max_users": 0}, r"train\.eval_max_users.*>= 1"),
         ({"torch_threads": -3}, r"train\.torch_threads.*>= 1"),
         ({"shuffle_buffer_batches": -1}, r"train\.shuffle_buffer_batches.*>= 0"),
+        ({"prefetch_batches": -1}, r"train\.prefetch_batches.*>= 0"),
     ],
 )
 def test_train_evaluation_settings_are_checked(train, message):

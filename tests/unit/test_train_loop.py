@@ -158,3 +158,11 @@ def test_history_csv_has_a_header_and_a_row_per_epoch():
     lines = text.strip().splitlines()
     assert lines[0] == "epoch,train_loss,recall@50"
     assert lines[2] == "2,1.5,0.3"
+
+
+def test_prefetch_defaults_to_zero_on_cpu_and_one_on_gpu():
+    from pipelines.train_loop import prefetch_batches
+
+    assert prefetch_batches(config_from_dict({}).train) == 0
+    assert prefetch_batches(config_from_dict({"train": {"use_gpu": True}}).train) == 1
+    assert prefetch_batches(config_from_dict({"train": {"prefetch_batches": 3}}).train) == 3

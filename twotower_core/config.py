@@ -165,8 +165,8 @@ class TrainConfig:
     shuffle_buffer_batches: int = 8
     # Batches Ray Data fetches ahead in a background thread of each worker. None: 1 with a GPU
     # (the fetch overlaps device compute), 0 on CPU, where that thread competes with the
-    # training step for the same cores and the GIL (1-worker throughput: 0.87x of a plain loop
-    # with it, 0.99x without, benchmarks/train_throughput.py).
+    # training step for the same cores and the GIL (one side-by-side round on 2 cores, 1 thread:
+    # 1-worker throughput 0.87x of a plain loop with it, 0.99x without).
     prefetch_batches: int | None = None
 
 

@@ -138,7 +138,24 @@ cmd_env() {
 cmd_submit() {
   [ "${1:-}" = "--" ] && shift
   cd "$REPO"
-  exec "$RAY_BIN" job submit --address="$DASHBOARD_URL" --working-dir=. -- "$@"
+  # Just after `start`, the head's job agent may not have registered yet, and the dashboard
+  # refuses the job with "No available agent to submit job". Retry that refusal (only that)
+  # for up to a minute; any other outcome, the job's own failure included, is returned as is.
+  local attempt status output
+  output="$(mktemp)"
+  for attempt in $(seq 1 12); do
+    set +e
+    "$RAY_BIN" job submit --address="$DASHBOARD_URL" --working-dir=. -- "$@" 2>&1 | tee "$output"
+    status="${PIPESTATUS[0]}"
+    set -e
+    if [ "$status" -eq 0 ] || ! grep -q "No available agent to submit job" "$output"; then
+      break
+    fi
+    log "the head's job agent is not ready yet; retrying in 5 s ($attempt/12)"
+    sleep 5
+  done
+  rm -f "$output"
+  return "$status"
 }
 
 case "${1:-}" in

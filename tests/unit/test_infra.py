@@ -226,3 +226,40 @@ def test_local_cluster_script_is_valid_bash_and_uses_token_auth():
     assert "ray job submit" in text.replace('"$RAY_BIN"', "ray")
     # Never a machine-wide `ray stop`: it would end other people's Ray processes.
     assert "ray stop" not in text.replace('"$RAY_BIN"', "ray")
+
+
+def _fake_ray(tmp_path: Path, refusals: int, final: str = "exit 0") -> Path:
+    """A `ray` stand-in: refuses the first ``refusals`` submits as a not-ready head does."""
+    counter = tmp_path / "calls"
+    fake = tmp_path / "ray"
+    fake.write_text(
+        "#!/usr/bin/env bash\n"
+        f'n=$(( $(cat {counter} 2>/dev/null || echo 0) + 1 )); echo "$n" > {counter}\n'
+        f"if [ \"$n\" -le {refusals} ]; then\n"
+        '  echo "RuntimeError: Request failed with status code 500: No available agent to '
+        'submit job, please try again later.." >&2; exit 1\n'
+        f"fi\necho submitted; {final}\n"
+    )
+    fake.chmod(0o755)
+    return counter
+
+
+@pytest.mark.parametrize(
+    "refusals, final, code, calls",
+    [(1, "exit 0", 0, 2), (0, "exit 3", 3, 1), (1, "exit 3", 3, 2)],
+)
+def test_local_cluster_submit_retries_only_a_not_ready_job_agent(
+    tmp_path, refusals, final, code, calls
+):
+    counter = _fake_ray(tmp_path, refusals, final)
+    script = INFRA / "local" / "ray-cluster.sh"
+    env = {"PATH": "/usr/bin:/bin", "RAY_BIN": str(tmp_path / "ray"),
+           "TWOTOWER_CLUSTER_DIR": str(tmp_path / "state")}  # fmt: skip
+    done = subprocess.run(
+        ["bash", str(script), "submit", "--", "twotower", "demo"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == code, done.stderr
+    # A refused submit is retried; a job's own failure (exit 3) is returned, not retried.
+    assert int(counter.read_text()) == calls
+    assert "submitted" in done.stdout

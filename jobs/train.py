@@ -161,7 +161,7 @@ def run(
         "epochs": state.history,
         "global_step": state.global_step,
         "resumed_at_steps": state.resumed_at_steps,
-        "warm_start": getattr(state, "warm_start", None),
+        "warm_start": state.warm_start,
         "loss": config.loss.name,
         "similarity": config.loss.similarity,
         "dataset": str(dataset),

@@ -252,9 +252,8 @@ def history_codes(
         )
     if spec.kind != "bag":
         raise ValueError(f"{key}: user feature {feature!r} is {spec.kind}, not a bag of item ids")
-    item_ids = _plain(item_ids if isinstance(item_ids, pa.ChunkedArray) else pa.chunked_array([item_ids]))
     try:
-        codes = _codes(item_ids, spec.vocabulary, feature)
+        codes = _codes(_plain(item_ids), spec.vocabulary, feature)
     except ValueError as error:
         raise ValueError(f"{key}: user feature {feature!r} does not hold item ids: {error}") from None
     if len(codes) and not codes.any():

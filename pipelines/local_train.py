@@ -33,6 +33,7 @@ from pipelines.train_loop import (
     batch_tensors,
     load_entity_tables,
     load_history_codes,
+    load_user_positives,
 )
 from twotower_core.config import Config
 from twotower_core.features import FeatureTable
@@ -150,7 +151,11 @@ def fit(
     )
     history = load_history_codes(dataset, user_specs, config)
     pair = TowerPair(model, user_table, item_table, history, config.model.history_dropout)
-    task = build_task(config.loss, item_counts=counts)
+    task = build_task(
+        config.loss,
+        item_counts=counts,
+        user_positives=load_user_positives(dataset, config, num_items),
+    )
     optimizer = _optimizer(config, model.parameters())
     if rows is None:
         rows = read_train_rows(dataset)

@@ -33,6 +33,7 @@ from pipelines.features import build_feature_table
 from twotower_core.config import NEGATIVE_SOURCES, Config, config_from_dict
 from twotower_core.features import FeatureSpec, FeatureTable
 from twotower_core.metrics import retrieval_metrics
+from twotower_core.negatives import UserPositives
 from twotower_core.task import build_task
 from twotower_core.towers import TwoTowerModel, build_two_tower
 
@@ -101,6 +102,16 @@ def load_history_codes(
         return None
     item_ids = io.read_table(io.join(dataset_dir, "vocab", "items.parquet"), columns=["item_id"])
     return feature, torch.from_numpy(history_codes(user_specs, feature, item_ids["item_id"]))
+
+
+def load_user_positives(dataset_dir: str, config: Config, num_items: int) -> UserPositives | None:
+    """The train split's (user, item) pairs for ``loss.mask_user_positives``, or None."""
+    if not config.loss.mask_user_positives:
+        return None
+    pairs = io.read_table(io.join(dataset_dir, "train"), columns=["user_idx", "item_idx"])
+    return UserPositives(
+        _long_tensor(pairs["user_idx"]), _long_tensor(pairs["item_idx"]), num_items=num_items
+    )
 
 
 @dataclass
@@ -321,7 +332,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         user_specs=user_specs,
         item_specs=item_specs,
     )
-    task = build_task(config.loss, item_counts=item_counts)
+    task = build_task(
+        config.loss,
+        item_counts=item_counts,
+        user_positives=load_user_positives(dataset_dir, config, num_items),
+    )
     state = TrainState()
     device = ray.train.torch.get_device() if t.use_gpu else torch.device("cpu")
 
@@ -536,6 +551,7 @@ def _train_step(
         neg_source_BN=neg_source_BN if use_data else None,
         sampled_item_SD=sampled_SD,
         sampled_item_idx_S=sampled_idx_S,
+        user_idx_B=user_idx,
     )
     optimizer.zero_grad(set_to_none=True)
     loss.backward()

@@ -118,6 +118,10 @@ class LossConfig:
     logq_correction: bool = True
     # Mask in-batch columns holding the same item as the row's positive.
     accidental_hit_masking: bool = True
+    # Also mask any negative (in-batch column, catalog sample, data negative) that is another of
+    # the row's user's train positives: a false negative. Each worker keeps the dataset's train
+    # (user, item) pairs, 8 bytes per distinct pair.
+    mask_user_positives: bool = False
     # in_batch_softmax: also add the item -> user direction.
     symmetric: bool = False
     # Use the dataset's negatives (neg_item_ids) in the loss.

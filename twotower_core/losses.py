@@ -237,6 +237,7 @@ def in_batch_softmax(
     extra_scores: Tensor | None = None,
     extra_log_q: Tensor | None = None,
     extra_weights: Tensor | None = None,
+    excluded: Tensor | None = None,
 ) -> Tensor:
     """−log softmax of row i's positive over its in-batch columns (and extras); mean over rows.
 
@@ -257,6 +258,9 @@ def in_batch_softmax(
         extra_scores: [B, M] more negatives per row (sampled items, data negatives).
         extra_log_q: [B, M] or [M] their logQ correction; None = none.
         extra_weights: [B, M] their weights (log w added to the logit), 0 = masked.
+        excluded: [B, C] bool, columns left out of row i's softmax (e.g. other items of row i's
+            user: false negatives); row i's positive column never is. With ``symmetric``, the
+            same pairs are left out of the item → user direction.
     """
     if scores.dim() != 2:
         raise ValueError(f"expected in-batch scores [B, C], got {tuple(scores.shape)}")
@@ -271,6 +275,14 @@ def in_batch_softmax(
     if item_ids is not None:
         hits = negatives.in_batch_hits(item_ids, num_rows=num_rows, positive_offset=positive_offset)
         logits = logits.masked_fill(hits, -math.inf)
+    if excluded is not None:
+        if excluded.shape != scores.shape:
+            raise ValueError(
+                f"excluded must be [B, C] = {tuple(scores.shape)}, got {tuple(excluded.shape)}"
+            )
+        excluded = excluded.clone()
+        excluded[rows, rows + positive_offset] = False
+        logits = logits.masked_fill(excluded, -math.inf)
     pos_logits = logits[rows, rows + positive_offset]
     # The positive column is in ``logits`` already; log Σ over the whole row is the denominator.
     row_logits = logits
@@ -288,6 +300,8 @@ def in_batch_softmax(
     reverse = (scores / temperature).T
     if item_ids is not None:
         reverse = reverse.masked_fill(hits.T, -math.inf)
+    if excluded is not None:
+        reverse = reverse.masked_fill(excluded.T, -math.inf)
     reverse_loss = (torch.logsumexp(reverse, dim=1) - reverse[rows, rows]).mean()
     return 0.5 * (loss + reverse_loss)
 

@@ -64,6 +64,52 @@ def in_batch_hits(item_ids_C: Tensor, *, num_rows: int, positive_offset: int = 0
     return same_B_C
 
 
+class UserPositives:
+    """Which (user, item) pairs are train positives: a sorted key per pair, for false negatives.
+
+    A row's negatives (in-batch columns, catalog samples, data negatives) can hold another item
+    its user clicked, one the model should rank high, not push down. Accidental-hit masking only
+    catches the row's own item; ``loss.mask_user_positives`` masks these too. Keys are
+    ``user · num_items + item`` (int64, 8 bytes per distinct train pair), looked up with a
+    binary search.
+    """
+
+    def __init__(self, user_idx_R: Tensor, item_idx_R: Tensor, *, num_items: int) -> None:
+        if user_idx_R.shape != item_idx_R.shape or user_idx_R.dim() != 1:
+            raise ValueError(
+                f"user and item indices must be [R] alike, got {tuple(user_idx_R.shape)} and "
+                f"{tuple(item_idx_R.shape)}"
+            )
+        if num_items < 1:
+            raise ValueError(f"num_items must be >= 1, got {num_items}")
+        if item_idx_R.numel() and (int(item_idx_R.min()) < 0 or int(item_idx_R.max()) >= num_items):
+            raise ValueError(f"item indices must be in [0, {num_items})")
+        self.num_items = num_items
+        self.keys = torch.unique(user_idx_R.long() * num_items + item_idx_R.long())  # sorted
+
+    @property
+    def num_pairs(self) -> int:
+        return int(self.keys.numel())
+
+    def to(self, device: torch.device | str) -> UserPositives:
+        self.keys = self.keys.to(device)
+        return self
+
+    def contains(self, user_idx_B: Tensor, item_idx: Tensor) -> Tensor:
+        """bool [B, N]: item ``[b, n]`` (or ``[n]``, shared by every row) is a positive of user b."""
+        if item_idx.dim() == 1:
+            item_idx = item_idx.unsqueeze(0)
+        query = user_idx_B.long().unsqueeze(1) * self.num_items + item_idx.long()
+        if self.keys.numel() == 0:
+            return torch.zeros(query.shape, dtype=torch.bool, device=query.device)
+        if self.keys.device != query.device:
+            # Moved once: the keys are large and this runs every step.
+            self.keys = self.keys.to(query.device)
+        keys = self.keys
+        found = torch.searchsorted(keys, query).clamp_(max=keys.numel() - 1)
+        return keys[found] == query
+
+
 def hard_negative_top_k(
     scores_BN: Tensor, weights_BN: Tensor, *aligned: Tensor, k: int | None
 ) -> tuple[Tensor, ...]:

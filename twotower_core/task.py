@@ -67,6 +67,8 @@ class RetrievalTask:
     # Losses other than in_batch_softmax: also use in-batch columns as negatives (None = only
     # when a batch has no data or sampled negatives).
     in_batch_negatives: bool | None = None
+    # The train (user, item) pairs, for ``loss.mask_user_positives``; None = not loaded.
+    user_positives: negatives.UserPositives | None = None
 
     def sample(self, num: int, *, generator: torch.Generator | None = None) -> Tensor:
         """[num] item indices drawn from the catalog sampler (CPU), for ``sampled_item_idx_S``."""
@@ -87,6 +89,7 @@ class RetrievalTask:
         neg_source_BN: Tensor | None = None,
         sampled_item_SD: Tensor | None = None,
         sampled_item_idx_S: Tensor | None = None,
+        user_idx_B: Tensor | None = None,
     ) -> Tensor:
         """Scalar loss of one batch.
 
@@ -99,27 +102,37 @@ class RetrievalTask:
             neg_source_BN: [B, N] their source codes, indices into ``NEGATIVE_SOURCES``.
             sampled_item_SD: [S, D] embeddings of catalog samples drawn with ``sample``.
             sampled_item_idx_S: [S] their item indices.
+            user_idx_B: [B] dense index of each row's user; needed by ``mask_user_positives``.
         """
         pos_scores_B = self.similarity.pairs(user_BD, pos_item_BD)
         pools = [
             pool
             for pool in (
                 self._data_pool(
-                    user_BD, pos_item_idx_B, neg_item_BND, neg_item_idx_BN, neg_source_BN
+                    user_BD,
+                    pos_item_idx_B,
+                    neg_item_BND,
+                    neg_item_idx_BN,
+                    neg_source_BN,
+                    user_idx_B,
+                ),  # fmt: skip
+                self._sampled_pool(
+                    user_BD, pos_item_idx_B, sampled_item_SD, sampled_item_idx_S, user_idx_B
                 ),
-                self._sampled_pool(user_BD, pos_item_idx_B, sampled_item_SD, sampled_item_idx_S),
             )
             if pool is not None
         ]
         if self.config.name == "in_batch_softmax":
-            return self._in_batch_softmax(user_BD, pos_item_BD, pos_item_idx_B, pools)
+            return self._in_batch_softmax(user_BD, pos_item_BD, pos_item_idx_B, pools, user_idx_B)
 
         use_in_batch = self.in_batch_negatives
         if use_in_batch is None:
             use_in_batch = not pools
         log_q_pos = None
         if use_in_batch:
-            in_batch, in_batch_log_q_pos = self._in_batch_pool(user_BD, pos_item_BD, pos_item_idx_B)
+            in_batch, in_batch_log_q_pos = self._in_batch_pool(
+                user_BD, pos_item_BD, pos_item_idx_B, user_idx_B
+            )
             pools.append(in_batch)
             # The positive is a member of the in-batch pool: corrected like its columns.
             log_q_pos = in_batch_log_q_pos
@@ -140,7 +153,23 @@ class RetrievalTask:
     def _logq(self) -> bool:
         return self.config.logq_correction and self.family == "listwise"
 
-    def _data_pool(self, user_BD, pos_item_idx_B, neg_item_BND, neg_item_idx_BN, neg_source_BN):
+    def _user_positive_hits(self, user_idx_B: Tensor | None, item_idx: Tensor) -> Tensor | None:
+        """bool [B, N]: negative ``item_idx`` is a train positive of the row's user; None when
+        ``mask_user_positives`` is off."""
+        if not self.config.mask_user_positives:
+            return None
+        if self.user_positives is None:
+            raise ValueError(
+                "loss.mask_user_positives needs the train (user, item) pairs: "
+                "build_task(user_positives=...)"
+            )
+        if user_idx_B is None:
+            raise ValueError("loss.mask_user_positives needs each row's user: pass user_idx_B")
+        return self.user_positives.contains(user_idx_B, item_idx)
+
+    def _data_pool(
+        self, user_BD, pos_item_idx_B, neg_item_BND, neg_item_idx_BN, neg_source_BN, user_idx_B
+    ):
         if not self.config.use_data_negatives or neg_item_BND is None or neg_item_BND.shape[1] == 0:
             return None
         scores_BN = self.similarity.negatives(user_BD, neg_item_BND)
@@ -149,6 +178,10 @@ class RetrievalTask:
             weights_BN = weights_BN.masked_fill(
                 negatives.accidental_hits(pos_item_idx_B, neg_item_idx_BN), 0.0
             )
+        if neg_item_idx_BN is not None:
+            false_negatives = self._user_positive_hits(user_idx_B, neg_item_idx_BN)
+            if false_negatives is not None:
+                weights_BN = weights_BN.masked_fill(false_negatives, 0.0)
         if neg_source_BN is not None:
             weights_BN = weights_BN * negatives.source_weights(
                 self.source_weight_table, neg_source_BN
@@ -159,7 +192,9 @@ class RetrievalTask:
         log_q = torch.zeros_like(scores_BN) if self._logq else None
         return _Pool(scores_BN, weights_BN, log_q)
 
-    def _sampled_pool(self, user_BD, pos_item_idx_B, sampled_item_SD, sampled_item_idx_S):
+    def _sampled_pool(
+        self, user_BD, pos_item_idx_B, sampled_item_SD, sampled_item_idx_S, user_idx_B
+    ):
         if sampled_item_SD is None or sampled_item_SD.shape[0] == 0:
             return None
         if sampled_item_idx_S is None:
@@ -170,6 +205,9 @@ class RetrievalTask:
             weights_BS = weights_BS.masked_fill(
                 negatives.accidental_hits(pos_item_idx_B, sampled_item_idx_S), 0.0
             )
+        false_negatives = self._user_positive_hits(user_idx_B, sampled_item_idx_S)
+        if false_negatives is not None:
+            weights_BS = weights_BS.masked_fill(false_negatives, 0.0)
         log_q = None
         if self._logq:
             if self.sampler is None:
@@ -199,7 +237,9 @@ class RetrievalTask:
             self.click_log_p = self.click_log_p.to(item_idx_C.device)
         return in_batch_log_q(self.click_log_p, item_idx_C)
 
-    def _in_batch_pool(self, user_BD, pos_item_BD, pos_item_idx_B) -> tuple[_Pool, Tensor | None]:
+    def _in_batch_pool(
+        self, user_BD, pos_item_BD, pos_item_idx_B, user_idx_B
+    ) -> tuple[_Pool, Tensor | None]:
         """(in-batch columns as negatives [B, C], the [B] log q of the rows' own positives)."""
         items_CD, item_idx_C, offset = self._gathered_items(pos_item_BD, pos_item_idx_B)
         scores_BC = self.similarity.matrix(user_BD, items_CD)
@@ -211,11 +251,17 @@ class RetrievalTask:
         if self.config.accidental_hit_masking:
             hits = negatives.in_batch_hits(item_idx_C, num_rows=num_rows, positive_offset=offset)
             weights_BC = weights_BC.masked_fill(hits, 0.0)
+        false_negatives = self._user_positive_hits(user_idx_B, item_idx_C)
+        if false_negatives is not None:
+            # The own positive's column is already 0: it is not a negative either way.
+            weights_BC = weights_BC.masked_fill(false_negatives, 0.0)
         log_q_C = self._in_batch_log_q(item_idx_C)
         log_q_pos = None if log_q_C is None else log_q_C[offset : offset + num_rows]
         return _Pool(scores_BC, weights_BC, log_q_C), log_q_pos
 
-    def _in_batch_softmax(self, user_BD, pos_item_BD, pos_item_idx_B, pools: list[_Pool]) -> Tensor:
+    def _in_batch_softmax(
+        self, user_BD, pos_item_BD, pos_item_idx_B, pools: list[_Pool], user_idx_B
+    ) -> Tensor:
         items_CD, item_idx_C, offset = self._gathered_items(pos_item_BD, pos_item_idx_B)
         extra_scores = extra_weights = extra_log_q = None
         if pools:
@@ -232,16 +278,23 @@ class RetrievalTask:
             extra_scores=extra_scores,
             extra_log_q=extra_log_q,
             extra_weights=extra_weights,
+            excluded=self._user_positive_hits(user_idx_B, item_idx_C),
         )
         if not (self.config.symmetric and gathered):
             return loss
         # Item → user over every worker's users: the local items are the rows.
         users_CD, _ = all_gather_with_offset(user_BD)
+        excluded = None
+        if self.config.mask_user_positives:
+            # [B local items, C users]: item b is a train positive of gathered user c.
+            user_idx_C, _ = all_gather_with_offset(user_idx_B)
+            excluded = self._user_positive_hits(user_idx_C, pos_item_idx_B).T
         reverse = in_batch_softmax(
             self.similarity.matrix(pos_item_BD, users_CD),
             temperature=self.config.temperature,
             item_ids=masking_ids,
             positive_offset=offset,
+            excluded=excluded,
         )
         return 0.5 * (loss + reverse)
 
@@ -270,6 +323,7 @@ def build_task(
     *,
     item_counts: Tensor | None = None,
     in_batch_negatives: bool | None = None,
+    user_positives: negatives.UserPositives | None = None,
 ) -> RetrievalTask:
     """A ``RetrievalTask`` for ``loss_config``.
 
@@ -279,6 +333,7 @@ def build_task(
             catalog sampler (α = ``sampler_alpha``) and the in-batch logQ (α = 1) come from it.
         in_batch_negatives: losses other than in_batch_softmax: add in-batch columns as
             negatives (None = only for a batch with no other negatives).
+        user_positives: the train (user, item) pairs; needed by ``loss.mask_user_positives``.
     """
     name = loss_config.name
     family = loss_family(name)
@@ -290,6 +345,11 @@ def build_task(
             )
         if name == "in_batch_softmax" and loss_config.logq_correction:
             raise ValueError("loss.logq_correction needs item counts: build_task(item_counts=...)")
+    if loss_config.mask_user_positives and user_positives is None:
+        raise ValueError(
+            "loss.mask_user_positives needs the train (user, item) pairs: "
+            "build_task(user_positives=...)"
+        )
     sampler = click_log_p = None
     if item_counts is not None:
         counts = torch.as_tensor(item_counts)
@@ -305,4 +365,5 @@ def build_task(
         click_log_p=click_log_p,
         source_weight_table=negatives.source_weight_table(loss_config.source_weights),
         in_batch_negatives=in_batch_negatives,
+        user_positives=user_positives,
     )

@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 
 from twotower_core.config import LossConfig
 from twotower_core.distributed import all_gather_with_grad, all_gather_with_offset, is_distributed
+from twotower_core.negatives import UserPositives
 from twotower_core.task import build_task
 
 WORLD_SIZE = 2
@@ -26,6 +27,17 @@ CONFIG = LossConfig(
     logq_correction=True,
     accidental_hit_masking=True,
 )
+
+
+# Each row's user, and the train (user, item) pairs: every row's own pair plus other items of
+# the same users, some of them another row's positive (false negatives across the shards).
+USERS = torch.tensor([0, 1, 0, 2, 1, 3])
+PAIRS = (torch.tensor([0, 1, 0, 2, 1, 3, 0, 0, 1]), torch.tensor([0, 2, 3, 5, 2, 1, 5, 2, 0]))
+MASKED = dataclasses.replace(CONFIG, mask_user_positives=True)
+
+
+def masked_task(config: LossConfig):
+    return build_task(config, item_counts=COUNTS, user_positives=UserPositives(*PAIRS, num_items=6))
 
 
 def full_batch():
@@ -67,6 +79,9 @@ def _worker(rank: int, port: int, queue) -> None:
                 local_user.grad.tolist(),
                 local_item.grad.tolist(),
             )
+            masked = masked_task(dataclasses.replace(MASKED, gather_across_workers=True))
+            loss = masked(user[rows], item[rows], pos_item_idx_B=ids[rows], user_idx_B=USERS[rows])
+            results["masked", rank0_rows] = (loss.item(), share)
 
         x = torch.arange(3.0, dtype=torch.float64).add(10 * rank).view(3, 1).requires_grad_()
         gathered, offset = all_gather_with_offset(x)
@@ -149,6 +164,22 @@ def test_gathered_loss_equals_single_process_full_batch_loss(worker_results, ran
     item_grad = torch.tensor(rows[3], dtype=torch.float64)
     torch.testing.assert_close(user_grad, user.grad, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(item_grad, item.grad, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("rank0_rows", SPLITS)
+def test_gathered_user_positive_masking_equals_the_full_batch_loss(worker_results, rank0_rows):
+    # Symmetric and gathered: both directions leave out the same (user, item) pairs, across
+    # the workers' shards.
+    user, item, ids = full_batch()
+    full = masked_task(MASKED)(user, item, pos_item_idx_B=ids, user_idx_B=USERS).item()
+    unmasked = build_task(CONFIG, item_counts=COUNTS)(user, item, pos_item_idx_B=ids).item()
+    assert full != pytest.approx(unmasked)
+    combined = sum(
+        worker_results[rank]["masked", rank0_rows][0]
+        * worker_results[rank]["masked", rank0_rows][1]
+        for rank in range(WORLD_SIZE)
+    )
+    assert combined == pytest.approx(full, rel=1e-12)
 
 
 def test_without_gathering_a_worker_sees_only_its_shard():

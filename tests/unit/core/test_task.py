@@ -16,6 +16,7 @@ from twotower_core.losses import (
     sampled_softmax,
     triplet_hinge,
 )
+from twotower_core.negatives import UserPositives
 from twotower_core.samplers import log_q_from_counts
 from twotower_core.task import build_task
 
@@ -252,3 +253,99 @@ def test_sampled_softmax_without_other_negatives_uses_in_batch_columns_with_thei
     expected = in_batch_softmax(matrix, temperature=0.4, log_q=log_q, item_ids=ids)
     # The task keeps log p in float32.
     assert run(config, inputs).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+# -- loss.mask_user_positives ------------------------------------------------------------------
+
+# Row users of ``batch()``: rows 0 and 1 share user 7. Train pairs: each row's own positive, plus
+# user 7's item 6 (row 3's positive, an in-batch column), user 8's items 2 and 4 (row 2's
+# sampled item 2 and data negative 4... see below) and user 9's item 5 (row 3's data negative).
+ROW_USERS = torch.tensor([7, 7, 8, 9])
+TRAIN_PAIRS = (
+    torch.tensor([7, 7, 8, 9, 7, 8, 9, 9]),
+    torch.tensor([0, 3, 0, 6, 6, 2, 5, 1]),
+)
+
+
+def user_positives() -> UserPositives:
+    return UserPositives(*TRAIN_PAIRS, num_items=NUM_ITEMS)
+
+
+def test_user_positives_looks_up_pairs():
+    positives = user_positives()
+    assert positives.num_pairs == 8
+    users = torch.tensor([7, 8, 9])
+    items = torch.tensor([[0, 3, 6], [0, 1, 2], [5, 6, 9]])
+    expected = torch.tensor([[True, True, True], [True, False, True], [True, True, False]])
+    assert torch.equal(positives.contains(users, items), expected)
+    # [N] items shared by every row, users absent from the pairs, the first and last keys.
+    shared = positives.contains(torch.tensor([7, 0, 10]), torch.tensor([0, 1, 6]))
+    assert shared.tolist() == [[True, False, True], [False, False, False], [False, False, False]]
+    empty = UserPositives(torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long),
+                          num_items=3)  # fmt: skip
+    assert not empty.contains(users, items).any()
+    with pytest.raises(ValueError, match="item indices"):
+        UserPositives(torch.tensor([0]), torch.tensor([NUM_ITEMS]), num_items=NUM_ITEMS)
+    with pytest.raises(ValueError, match=r"\[R\] alike"):
+        UserPositives(torch.tensor([0, 1]), torch.tensor([0]), num_items=NUM_ITEMS)
+
+
+def test_mask_user_positives_leaves_the_users_other_items_out_of_the_in_batch_softmax():
+    config = LossConfig(
+        name="in_batch_softmax", temperature=0.2, logq_correction=False, use_data_negatives=False
+    )
+    inputs = without(batch(), "sampled_item_SD", "sampled_item_idx_S")
+    _, matrix, _, _ = dot_parts(inputs)
+    ids = inputs["pos_item_idx_B"]
+    # Columns hold items [0, 3, 0, 6]. Users 7 (rows 0, 1) clicked 0, 3, 6: every column, the
+    # own positive aside; user 8 (row 2) clicked 0 (its own) and 2; user 9 (row 3) 6, 5, 1.
+    excluded = torch.tensor(
+        [[False, True, True, True], [True, False, True, True], [False] * 4, [False] * 4]
+    )
+    expected = in_batch_softmax(matrix, temperature=0.2, item_ids=ids, excluded=excluded)
+    masked = dataclasses.replace(config, mask_user_positives=True)
+    got = run(masked, {**inputs, "user_idx_B": ROW_USERS}, user_positives=user_positives())
+    assert got.item() == pytest.approx(expected.item(), rel=1e-9)
+    assert got.item() != pytest.approx(run(config, inputs).item())
+
+
+def test_in_batch_softmax_never_excludes_the_positive_column():
+    scores = torch.randn(3, 3, generator=torch.Generator().manual_seed(0))
+    everything = torch.ones(3, 3, dtype=torch.bool)
+    # Only the positives are left: each row's softmax is over itself, loss 0.
+    assert in_batch_softmax(scores, excluded=everything).item() == pytest.approx(0.0, abs=1e-7)
+    both = in_batch_softmax(scores, excluded=everything, symmetric=True)
+    assert both.item() == pytest.approx(0.0, abs=1e-7)
+    with pytest.raises(ValueError, match="excluded must be"):
+        in_batch_softmax(scores, excluded=everything[:2])
+
+
+@pytest.mark.parametrize("name", ["bpr", "sampled_softmax", "pointwise_bce"])
+def test_mask_user_positives_gives_false_negatives_no_gradient(name):
+    # Sampled item 2 is user 8's (row 2); data negative 5 is user 9's (row 3, column 2).
+    config = LossConfig(name=name, num_sampled_negatives=S, mask_user_positives=True)
+    inputs = batch(4)
+    loss = run(config, {**inputs, "user_idx_B": ROW_USERS}, user_positives=user_positives())
+    loss.backward()
+    # Row 3's data negative 5 is a false negative; its other data negatives are not.
+    assert torch.count_nonzero(inputs["neg_item_BND"].grad[3, 2]) == 0
+    assert torch.count_nonzero(inputs["neg_item_BND"].grad[3, 0]) > 0
+    # Sampled item 2 is shared: only row 2's use of it is masked, so compare the loss instead.
+    inputs_off = batch(4)
+    off = dataclasses.replace(config, mask_user_positives=False)
+    assert run(off, inputs_off).item() != pytest.approx(loss.item())
+    moved = batch(4)
+    with torch.no_grad():
+        moved["neg_item_BND"][3, 2] += 5.0
+    again = run(config, {**moved, "user_idx_B": ROW_USERS}, user_positives=user_positives())
+    assert again.item() == pytest.approx(loss.item(), rel=1e-12)
+
+
+def test_mask_user_positives_needs_the_pairs_and_the_row_users():
+    config = LossConfig(name="in_batch_softmax", mask_user_positives=True)
+    with pytest.raises(ValueError, match="needs the train \\(user, item\\) pairs"):
+        build_task(config, item_counts=COUNTS)
+    task = build_task(config, item_counts=COUNTS, user_positives=user_positives())
+    inputs = batch()
+    with pytest.raises(ValueError, match="user_idx_B"):
+        task(inputs["user_BD"], inputs["pos_item_BD"], pos_item_idx_B=inputs["pos_item_idx_B"])

@@ -431,3 +431,24 @@ def test_best_config_file_loads_as_a_run_config(tmp_path):
     path = tmp_path / "best_config.yaml"
     path.write_text(best_config_yaml(summary, config_to_dict(cell.config), study="S"))
     assert load_config(str(path)) == cell.config
+
+
+def test_mask_user_positives_reads_the_train_pairs_and_changes_training(tiny_dataset):
+    from pipelines import io, local_train
+    from pipelines.train_loop import load_user_positives
+    from twotower_core.config import config_from_dict
+
+    base = ["train.epochs=1", "train.batch_size=16", "train.num_workers=1"]
+    off = config_from_dict({}, overrides=base)
+    on = config_from_dict({}, overrides=[*base, "loss.mask_user_positives=true"])
+    assert load_user_positives(tiny_dataset, off, num_items=120) is None
+    positives = load_user_positives(tiny_dataset, on, num_items=120)
+    train = io.read_table(io.join(tiny_dataset, "train"), columns=["user_idx", "item_idx"])
+    users = torch.tensor(train["user_idx"].to_pylist())
+    items = torch.tensor(train["item_idx"].to_pylist())
+    assert positives.num_pairs == len(set(zip(users.tolist(), items.tolist(), strict=True)))
+    assert positives.contains(users, items.unsqueeze(1)).all()
+    # Same seed and steps: only the masked false negatives differ.
+    loss_off = local_train.fit(tiny_dataset, off).history[0]["train_loss"]
+    loss_on = local_train.fit(tiny_dataset, on).history[0]["train_loss"]
+    assert loss_on < loss_off

@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(RESULTS / "train_throughput"))
     args = parser.parse_args(argv)
 
-    from jobs.ray_runtime import ensure_ray, worker_niceness
+    from jobs.ray_runtime import ensure_ray
 
     ensure_ray()
     scratch = tempfile.mkdtemp(prefix="twotower-bench-")
@@ -232,7 +232,6 @@ def main(argv: list[str] | None = None) -> int:
                 "device": str(device),
                 "batch_size": args.batch_size,
                 "repeats": args.repeats,
-                "ray_worker_niceness": worker_niceness(),
                 "results": results,
                 "rounds": rounds,
             },

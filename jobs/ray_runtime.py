@@ -8,14 +8,6 @@ import os
 logger = logging.getLogger(__name__)
 
 DEFAULT_OBJECT_STORE_BYTES = 512 << 20
-# Ray starts its worker processes at nice 15, so that its own daemons (raylet, GCS) win every
-# contest for a core. On a node that exists to train, the losers are the training workers: each
-# wake-up of one of Ray's ~15 helper processes preempts a training thread, and the other intra-op
-# thread then waits at the next barrier. A local Ray runs workers at this niceness instead
-# (RAY_worker_niceness overrides it); `ray start` takes the same variable (the README's cluster
-# section, infra/local/ray-cluster.sh).
-LOCAL_WORKER_NICENESS = 0
-WORKER_NICENESS_ENV = "RAY_worker_niceness"
 
 
 def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
@@ -49,19 +41,4 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> No
         object_store_memory=DEFAULT_OBJECT_STORE_BYTES,
         include_dashboard=False,
         log_to_driver=True,
-        _system_config={"worker_niceness": worker_niceness()},
     )
-
-
-def worker_niceness() -> int:
-    """The niceness of a local Ray's workers: RAY_worker_niceness, else LOCAL_WORKER_NICENESS."""
-    value = os.environ.get(WORKER_NICENESS_ENV)
-    if value is None or not value.strip():
-        return LOCAL_WORKER_NICENESS
-    try:
-        niceness = int(value)
-    except ValueError:
-        raise ValueError(f"{WORKER_NICENESS_ENV} must be an integer, got {value!r}") from None
-    if not -20 <= niceness <= 19:
-        raise ValueError(f"{WORKER_NICENESS_ENV} must be in [-20, 19], got {niceness}")
-    return niceness

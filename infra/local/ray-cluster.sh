@@ -13,8 +13,7 @@
 # Settings (environment): TWOTOWER_CLUSTER_DIR (state: pids, logs, token, Ray temp dir; keep
 # it short, Unix socket paths are limited to ~100 characters), RAY_HEAD_PORT, RAY_DASHBOARD_PORT,
 # RAY_CLIENT_PORT, RAY_AGENT_PORT_BASE (node i's dashboard agent listens on BASE + i),
-# RAY_HEAD_CPUS, RAY_WORKER_CPUS, RAY_WORKERS, RAY_OBJECT_STORE_BYTES, RAY_BIN, RAY_worker_niceness
-# (default 0).
+# RAY_HEAD_CPUS, RAY_WORKER_CPUS, RAY_WORKERS, RAY_OBJECT_STORE_BYTES, RAY_BIN.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -34,9 +33,6 @@ STOP_GRACE_S="${RAY_STOP_GRACE_S:-10}"
 # Token auth: every node, driver and `ray job submit` reads the same token file. A token of our
 # own (not ~/.ray/auth_token) keeps this cluster independent of any other Ray on the machine.
 export RAY_AUTH_MODE=token
-# Training workers at nice 0, not Ray's default 15 (see jobs/ray_runtime.py): these nodes run
-# nothing but the pipeline.
-export RAY_worker_niceness="${RAY_worker_niceness:-0}"
 export RAY_AUTH_TOKEN_PATH="$STATE/auth_token"
 unset RAY_AUTH_TOKEN
 GCS_ADDRESS="127.0.0.1:$HEAD_PORT"

@@ -263,21 +263,3 @@ def test_local_cluster_submit_retries_only_a_not_ready_job_agent(
     # A refused submit is retried; a job's own failure (exit 3) is returned, not retried.
     assert int(counter.read_text()) == calls
     assert "submitted" in done.stdout
-
-
-@pytest.mark.parametrize("given, seen", [(None, "0"), ("5", "5")])
-def test_local_cluster_runs_ray_workers_at_niceness_0_unless_told(tmp_path, given, seen):
-    fake = tmp_path / "ray"
-    fake.write_text(f'#!/usr/bin/env bash\necho "$RAY_worker_niceness" > {tmp_path / "seen"}\n')
-    fake.chmod(0o755)
-    env = {"PATH": "/usr/bin:/bin", "RAY_BIN": str(fake),
-           "TWOTOWER_CLUSTER_DIR": str(tmp_path / "state")}  # fmt: skip
-    if given is not None:
-        env["RAY_worker_niceness"] = given
-    script = INFRA / "local" / "ray-cluster.sh"
-    done = subprocess.run(
-        ["bash", str(script), "submit", "--", "twotower", "demo"],
-        env=env, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    assert (tmp_path / "seen").read_text().strip() == seen

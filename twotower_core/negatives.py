@@ -91,10 +91,6 @@ class UserPositives:
     def num_pairs(self) -> int:
         return int(self.keys.numel())
 
-    def to(self, device: torch.device | str) -> UserPositives:
-        self.keys = self.keys.to(device)
-        return self
-
     def contains(self, user_idx_B: Tensor, item_idx: Tensor) -> Tensor:
         """bool [B, N]: item ``[b, n]`` (or ``[n]``, shared by every row) is a positive of user b."""
         if item_idx.dim() == 1:

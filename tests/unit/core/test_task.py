@@ -258,8 +258,8 @@ def test_sampled_softmax_without_other_negatives_uses_in_batch_columns_with_thei
 # -- loss.mask_user_positives ------------------------------------------------------------------
 
 # Row users of ``batch()``: rows 0 and 1 share user 7. Train pairs: each row's own positive, plus
-# user 7's item 6 (row 3's positive, an in-batch column), user 8's items 2 and 4 (row 2's
-# sampled item 2 and data negative 4... see below) and user 9's item 5 (row 3's data negative).
+# user 7's item 6 (row 3's positive, an in-batch column), user 8's item 2 (a catalog sample) and
+# user 9's items 5 (one of row 3's data negatives) and 1.
 ROW_USERS = torch.tensor([7, 7, 8, 9])
 TRAIN_PAIRS = (
     torch.tensor([7, 7, 8, 9, 7, 8, 9, 9]),

@@ -22,8 +22,6 @@ from twotower_core.config import Config, config_to_dict
 
 logger = logging.getLogger(__name__)
 
-USER_KEY_COLUMNS = {"user_idx", "user_id"}
-ITEM_KEY_COLUMNS = {"item_idx", "item_id"}
 
 
 @dataclass(frozen=True)
@@ -71,20 +69,11 @@ def check_inputs(dataset: str, *, init_from: str | None) -> None:
 
 
 def infer_specs(dataset: str, config: Config):
-    from pipelines.features import infer_feature_specs
-    from pipelines.train_loop import load_history_codes
+    """(user specs, item specs) of the dataset's feature tables; a bad
+    ``model.user_history_feature`` fails here, before Ray starts."""
+    from pipelines.local_train import feature_specs
 
-    users = io.read_table(io.join(dataset, "features", "users.parquet"))
-    items = io.read_table(io.join(dataset, "features", "items.parquet"))
-    user_specs = infer_feature_specs(
-        users, exclude=USER_KEY_COLUMNS, overrides=config.model.user_feature_kinds
-    )
-    item_specs = infer_feature_specs(
-        items, exclude=ITEM_KEY_COLUMNS, overrides=config.model.item_feature_kinds
-    )
-    # A bad model.user_history_feature fails here, before Ray starts.
-    load_history_codes(dataset, user_specs, config)
-    return user_specs, item_specs
+    return feature_specs(dataset, config)
 
 
 def run(

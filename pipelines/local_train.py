@@ -99,17 +99,18 @@ Evaluate = Callable[[TwoTowerModel, FeatureTable, FeatureTable], dict[str, float
 
 
 def feature_specs(dataset: str, config: Config):
-    """(user specs, item specs) of the dataset's feature tables, as the training job infers them."""
+    """(user specs, item specs) of the dataset's feature tables, for this loop and the Ray job
+    (``jobs.train.infer_specs``) alike. A bad ``model.user_history_feature`` fails here."""
     users = io.read_table(io.join(dataset, "features", "users.parquet"))
     items = io.read_table(io.join(dataset, "features", "items.parquet"))
-    return (
-        infer_feature_specs(
-            users, exclude=USER_KEY_COLUMNS, overrides=config.model.user_feature_kinds
-        ),
-        infer_feature_specs(
-            items, exclude=ITEM_KEY_COLUMNS, overrides=config.model.item_feature_kinds
-        ),
+    user_specs = infer_feature_specs(
+        users, exclude=USER_KEY_COLUMNS, overrides=config.model.user_feature_kinds
     )
+    item_specs = infer_feature_specs(
+        items, exclude=ITEM_KEY_COLUMNS, overrides=config.model.item_feature_kinds
+    )
+    load_history_codes(dataset, user_specs, config)
+    return user_specs, item_specs
 
 
 def fit(

@@ -23,7 +23,6 @@ from twotower_core.config import Config, config_to_dict
 logger = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True)
 class TrainResult:
     out: str
@@ -72,8 +71,12 @@ def infer_specs(dataset: str, config: Config):
     """(user specs, item specs) of the dataset's feature tables; a bad
     ``model.user_history_feature`` fails here, before Ray starts."""
     from pipelines.local_train import feature_specs
+    from pipelines.train_loop import load_history_codes
 
-    return feature_specs(dataset, config)
+    user_specs, item_specs = feature_specs(dataset, config)
+    # The workers build the codes themselves; this only checks the feature early.
+    load_history_codes(dataset, user_specs, config)
+    return user_specs, item_specs
 
 
 def run(

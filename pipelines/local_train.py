@@ -100,7 +100,7 @@ Evaluate = Callable[[TwoTowerModel, FeatureTable, FeatureTable], dict[str, float
 
 def feature_specs(dataset: str, config: Config):
     """(user specs, item specs) of the dataset's feature tables, for this loop and the Ray job
-    (``jobs.train.infer_specs``) alike. A bad ``model.user_history_feature`` fails here."""
+    (``jobs.train.infer_specs``) alike."""
     users = io.read_table(io.join(dataset, "features", "users.parquet"))
     items = io.read_table(io.join(dataset, "features", "items.parquet"))
     user_specs = infer_feature_specs(
@@ -109,7 +109,6 @@ def feature_specs(dataset: str, config: Config):
     item_specs = infer_feature_specs(
         items, exclude=ITEM_KEY_COLUMNS, overrides=config.model.item_feature_kinds
     )
-    load_history_codes(dataset, user_specs, config)
     return user_specs, item_specs
 
 

@@ -99,12 +99,14 @@ def run(
     from ray.train.torch import TorchTrainer
 
     from jobs.ray_runtime import ensure_ray
-    from pipelines.train_loop import STATE_FILE, TRAIN_COLUMNS, history_csv, train_loop_per_worker
+    from pipelines.train_loop import STATE_FILE, history_csv, train_columns, train_loop_per_worker
 
     ensure_ray(address)
     t = config.train
     state_dir = state_dir_for(out)
-    train_rows = io.ray_read_parquet(io.join(dataset, "train"), columns=TRAIN_COLUMNS)
+    train_rows = io.ray_read_parquet(
+        io.join(dataset, "train"), columns=train_columns(config.loss)
+    )
     if t.materialize_dataset:
         train_rows = train_rows.materialize()
     trainer = TorchTrainer(

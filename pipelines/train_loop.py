@@ -30,7 +30,7 @@ from torch import nn
 from pipelines import io
 from pipelines.checkpoint import model_payload, row_map
 from pipelines.features import build_feature_table
-from twotower_core.config import NEGATIVE_SOURCES, Config, config_from_dict
+from twotower_core.config import NEGATIVE_SOURCES, Config, LossConfig, config_from_dict
 from twotower_core.features import FeatureSpec, FeatureTable
 from twotower_core.metrics import retrieval_metrics
 from twotower_core.negatives import UserPositives
@@ -39,6 +39,19 @@ from twotower_core.towers import TwoTowerModel, build_two_tower
 
 STATE_FILE = "train_state.pt"
 TRAIN_COLUMNS = ["user_idx", "item_idx", "neg_item_idxs", "neg_sources"]
+
+
+def train_columns(loss: LossConfig) -> list[str]:
+    """The train split's columns a run reads: the data negatives only when the loss uses them,
+    and their sources only when ``loss.source_weights`` weighs one of them. Every column not read
+    is bytes the workers neither fetch, shuffle nor convert (``neg_sources`` is a list of
+    strings per row: the dearest column to move)."""
+    columns = ["user_idx", "item_idx"]
+    if loss.use_data_negatives:
+        columns.append("neg_item_idxs")
+        if any(weight != 1.0 for weight in loss.source_weights.values()):
+            columns.append("neg_sources")
+    return columns
 
 
 class TowerPair(nn.Module):
@@ -229,19 +242,28 @@ def _long_tensor(values: pa.Array | pa.ChunkedArray) -> torch.Tensor:
 
 
 def batch_tensors(batch: pa.Table) -> dict[str, torch.Tensor]:
-    """A pyarrow batch of train rows -> index tensors (``neg_*`` are ``[B, N]``)."""
+    """A pyarrow batch of train rows -> index tensors (``neg_*`` are ``[B, N]``).
+
+    Without a ``neg_item_idxs`` column (see ``train_columns``) N is 0; without ``neg_sources``
+    there is no ``neg_source`` tensor.
+    """
     num_rows = batch.num_rows
-    neg_flat = pc.list_flatten(batch["neg_item_idxs"])
-    num_negatives = len(neg_flat) // num_rows if num_rows else 0
-    sources_flat = pc.index_in(
-        pc.list_flatten(batch["neg_sources"]), value_set=pa.array(NEGATIVE_SOURCES)
-    )
-    return {
+    tensors = {
         "user_idx": _long_tensor(batch["user_idx"]),
         "item_idx": _long_tensor(batch["item_idx"]),
-        "neg_item_idx": _long_tensor(neg_flat).view(num_rows, num_negatives),
-        "neg_source": _long_tensor(sources_flat).view(num_rows, num_negatives),
+        "neg_item_idx": torch.zeros((num_rows, 0), dtype=torch.long),
     }
+    if "neg_item_idxs" not in batch.column_names:
+        return tensors
+    neg_flat = pc.list_flatten(batch["neg_item_idxs"])
+    num_negatives = len(neg_flat) // num_rows if num_rows else 0
+    tensors["neg_item_idx"] = _long_tensor(neg_flat).view(num_rows, num_negatives)
+    if "neg_sources" in batch.column_names:
+        sources_flat = pc.index_in(
+            pc.list_flatten(batch["neg_sources"]), value_set=pa.array(NEGATIVE_SOURCES)
+        )
+        tensors["neg_source"] = _long_tensor(sources_flat).view(num_rows, num_negatives)
+    return tensors
 
 
 def _optimizer(config: Config, parameters) -> torch.optim.Optimizer:
@@ -520,7 +542,8 @@ def _train_step(
     device: torch.device,
 ) -> float:
     user_idx, item_idx = tensors["user_idx"].to(device), tensors["item_idx"].to(device)
-    neg_idx_BN, neg_source_BN = tensors["neg_item_idx"].to(device), tensors["neg_source"].to(device)
+    neg_idx_BN = tensors["neg_item_idx"].to(device)
+    neg_source_BN = tensors["neg_source"].to(device) if "neg_source" in tensors else None
     batch_size, num_negatives = neg_idx_BN.shape
     use_data = config.loss.use_data_negatives and num_negatives > 0
     parts = [item_idx]

@@ -1,5 +1,6 @@
 """The training step without Ray: every loss x similarity trains; batches and CSR helpers."""
 
+import copy
 import itertools
 
 import numpy as np
@@ -16,6 +17,7 @@ from pipelines.train_loop import (
     batch_tensors,
     history_csv,
     to_csr,
+    train_columns,
 )
 from twotower_core.config import NEGATIVE_SOURCES, config_from_dict
 from twotower_core.losses import LOSSES
@@ -74,6 +76,73 @@ def test_batch_tensors_shapes_and_source_codes():
     assert tensors["neg_item_idx"].tolist() == [[1, 2, 3], [4, 5, 6]]
     # codes index NEGATIVE_SOURCES = (exposed_not_clicked, ranked_out, unexposed)
     assert tensors["neg_source"].tolist() == [[2, 1, 0], [2, 2, 2]]
+
+
+def test_train_columns_read_only_what_the_loss_uses():
+    def columns(**loss):
+        return train_columns(config_from_dict({"loss": loss}).loss)
+
+    assert columns() == ["user_idx", "item_idx", "neg_item_idxs"]
+    assert columns(source_weights={"unexposed": 1.0}) == ["user_idx", "item_idx", "neg_item_idxs"]
+    assert columns(source_weights={"ranked_out": 2.0})[-1] == "neg_sources"
+    assert columns(use_data_negatives=False) == ["user_idx", "item_idx"]
+
+
+def test_batch_tensors_without_negative_columns():
+    tensors = batch_tensors(pa.table({"user_idx": [0, 1], "item_idx": [5, 6]}))
+    assert tensors["neg_item_idx"].shape == (2, 0)
+    assert "neg_source" not in tensors
+    with_negs = batch_tensors(
+        pa.table({"user_idx": [0], "item_idx": [5], "neg_item_idxs": [[1, 2]]})
+    )
+    assert with_negs["neg_item_idx"].tolist() == [[1, 2]] and "neg_source" not in with_negs
+
+
+@pytest.mark.parametrize("source_weights", [{}, {"unexposed": 0.0, "ranked_out": 3.0}])
+def test_a_step_on_the_columns_read_equals_a_step_on_all_columns(source_weights):
+    """Leaving neg_sources unread changes nothing unless a source is weighted, and then it is
+    read: the loss on ``train_columns`` equals the loss on every column, and weighting changes
+    the loss (so the sources do reach it)."""
+    config = config_from_dict(
+        {
+            "loss": {"name": "bpr", "source_weights": source_weights},
+            "model": {"embedding_dim": 8, "id_embedding_dim": 8, "hidden_dims": [16]},
+        }
+    )
+    users, items = _tables()
+    user_specs = infer_feature_specs(users, exclude={"user_idx", "user_id"}, overrides={})
+    item_specs = infer_feature_specs(items, exclude={"item_idx", "item_id"}, overrides={})
+    torch.manual_seed(0)
+    model = build_two_tower(
+        config.model,
+        num_users=NUM_USERS,
+        num_items=NUM_ITEMS,
+        user_specs=user_specs,
+        item_specs=item_specs,
+    )
+    batch = _batch(np.random.default_rng(3))
+
+    def step(table, loss_config):
+        pair = TowerPair(
+            copy.deepcopy(model),
+            build_feature_table(users, user_specs),
+            build_feature_table(items, item_specs),
+        )
+        return _train_step(
+            pair,
+            build_task(loss_config, item_counts=torch.arange(NUM_ITEMS, dtype=torch.float64)),
+            torch.optim.SGD(pair.parameters(), lr=0.0),
+            batch_tensors(table),
+            config,
+            torch.Generator().manual_seed(0),
+            NUM_ITEMS,
+            torch.device("cpu"),
+        )
+
+    read = step(batch.select(train_columns(config.loss)), config.loss)
+    assert read == pytest.approx(step(batch, config.loss), rel=1e-6)
+    unweighted = step(batch, config_from_dict({"loss": {"name": "bpr"}}).loss)
+    assert (read != pytest.approx(unweighted, rel=1e-6)) == bool(source_weights)
 
 
 @pytest.mark.parametrize("loss, sim", list(itertools.product(sorted(LOSSES), sorted(SIMILARITIES))))

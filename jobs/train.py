@@ -104,9 +104,7 @@ def run(
     ensure_ray(address)
     t = config.train
     state_dir = state_dir_for(out)
-    train_rows = io.ray_read_parquet(
-        io.join(dataset, "train"), columns=train_columns(config.loss)
-    )
+    train_rows = io.ray_read_parquet(io.join(dataset, "train"), columns=train_columns(config.loss))
     if t.materialize_dataset:
         train_rows = train_rows.materialize()
     trainer = TorchTrainer(

@@ -18,6 +18,7 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -266,6 +267,51 @@ def batch_tensors(batch: pa.Table) -> dict[str, torch.Tensor]:
     return tensors
 
 
+class ShardCache:
+    """One worker's shard, collected batch by batch as it streams past.
+
+    ``train.cache_shard_bytes`` is ``max_bytes``.
+
+    Past ``max_bytes`` it gives up and lets go of what it holds; ``fits`` says whether it kept
+    everything.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.batches: list[pa.Table] | None = [] if max_bytes > 0 else None
+        self.nbytes = 0
+
+    @property
+    def fits(self) -> bool:
+        return self.batches is not None
+
+    def add(self, batch: pa.Table) -> None:
+        if self.batches is None:
+            return
+        self.nbytes += batch.nbytes
+        if self.nbytes > self.max_bytes:
+            self.batches = None
+        else:
+            self.batches.append(batch)
+
+    def table(self) -> pa.Table:
+        """The shard as one table, copied out of its batches (they may be views of Ray blocks)."""
+        if self.batches is None:
+            raise ValueError("the shard did not fit in train.cache_shard_bytes")
+        return pa.concat_tables(self.batches).combine_chunks()
+
+
+def cached_batches(
+    table: pa.Table, batch_size: int, *, shuffle_seed: tuple[int, ...] | None
+) -> Iterator[pa.Table]:
+    """Full batches of a cached shard: a fresh permutation of every row per seed (data order
+    without one); the last partial batch is left out, as when streaming."""
+    if shuffle_seed is not None:
+        table = table.take(np.random.default_rng(shuffle_seed).permutation(table.num_rows))
+    for start in range(0, table.num_rows - batch_size + 1, batch_size):
+        yield table.slice(start, batch_size)
+
+
 def _optimizer(config: Config, parameters) -> torch.optim.Optimizer:
     t = config.train
     if t.optimizer == "adam":
@@ -433,21 +479,34 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             torch.save(payload, os.path.join(directory, "best_model.pt"))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
+    cached: pa.Table | None = None  # this worker's shard, once every worker's fit in memory
     while state.epoch < t.epochs:
         pair.train()
         skip = state.step_in_epoch
         loss_sum, loss_count, started, examples = 0.0, 0, time.perf_counter(), 0
         last_log = started
-        batches = shard.iter_batches(
-            batch_size=t.batch_size,
-            batch_format="pyarrow",
-            drop_last=True,
-            local_shuffle_buffer_size=t.batch_size * t.shuffle_buffer_batches or None,
-            local_shuffle_seed=t.seed + state.epoch if t.shuffle_buffer_batches else None,
-            prefetch_batches=prefetch_batches(t),
-        )
+        collector = None
+        if cached is not None:
+            batches = cached_batches(
+                cached,
+                t.batch_size,
+                shuffle_seed=(t.seed, state.epoch, rank) if t.shuffle_buffer_batches else None,
+            )
+        else:
+            collector = ShardCache(t.cache_shard_bytes)
+            # Every row comes through, for the cache; only full batches are trained on.
+            batches = shard.iter_batches(
+                batch_size=t.batch_size,
+                batch_format="pyarrow",
+                drop_last=False,
+                local_shuffle_buffer_size=t.batch_size * t.shuffle_buffer_batches or None,
+                local_shuffle_seed=t.seed + state.epoch if t.shuffle_buffer_batches else None,
+                prefetch_batches=prefetch_batches(t),
+            )
         for batch_number, batch in enumerate(batches):
-            if batch_number < skip:
+            if collector is not None:
+                collector.add(batch)
+            if batch_number < skip or batch.num_rows < t.batch_size:
                 continue
             loss = _train_step(
                 pair, task, optimizer, batch_tensors(batch), config, generator, num_items, device
@@ -480,7 +539,26 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "train_loss": epoch_loss,
             "examples_per_s": examples * world_size / max(elapsed, 1e-9),
             "epoch_seconds": elapsed,
+            "data": "memory" if collector is None else "stream",
         }
+        if collector is not None and t.cache_shard_bytes > 0:
+            # All or none: a worker that stops streaming while another streams on would leave
+            # Ray Data's split waiting for it at the next epoch.
+            if _all_workers(collector.fits):
+                cached = collector.table()
+                if rank == 0:
+                    print(
+                        f"[train] shard kept in memory ({cached.nbytes / 2**20:.1f} MiB on rank "
+                        "0): later epochs shuffle it there instead of streaming it again",
+                        flush=True,
+                    )
+            elif rank == 0:
+                print(
+                    "[train] a worker's shard is over train.cache_shard_bytes "
+                    f"({t.cache_shard_bytes:,} bytes): every epoch streams",
+                    flush=True,
+                )
+            collector = None
         stop = False
         if rank == 0:
             assert eval_data is not None
@@ -605,6 +683,17 @@ def _mean_across_workers(total: float, count: int) -> float:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(values)
     return float(values[0] / max(values[1].item(), 1.0))
+
+
+def _all_workers(flag: bool) -> bool:
+    """True when ``flag`` is true on every worker."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    value = torch.tensor([1 if flag else 0], device=_collective_device())
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
 
 
 def _broadcast_flag(flag: bool) -> bool:

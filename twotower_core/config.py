@@ -167,6 +167,11 @@ class TrainConfig:
     materialize_dataset: bool = True
     # Each worker shuffles its rows within a buffer of this many batches (0: data order).
     shuffle_buffer_batches: int = 8
+    # A worker whose shard holds at most this many bytes (Arrow) keeps it in memory after its
+    # first full pass, and from then on shuffles it in memory each epoch (a full shuffle of the
+    # shard) instead of streaming it through Ray Data again. Every worker must fit, else all
+    # stream; a shuffle briefly holds two copies. 0 = always stream.
+    cache_shard_bytes: int = 1 << 30
     # Batches Ray Data fetches ahead in a background thread of each worker. None: 1 with a GPU
     # (the fetch overlaps device compute), 0 on CPU, where that thread competes with the
     # training step for the same cores and the GIL (one side-by-side round on 2 cores, 1 thread:
@@ -450,6 +455,7 @@ def validate(config: Config) -> None:
     _require(t.cpus_per_worker > 0, "train.cpus_per_worker", "must be > 0")
     _require(t.max_failures >= 0, "train.max_failures", "must be >= 0")
     _require(t.shuffle_buffer_batches >= 0, "train.shuffle_buffer_batches", "must be >= 0")
+    _require(t.cache_shard_bytes >= 0, "train.cache_shard_bytes", "must be >= 0")
     _require(
         t.prefetch_batches is None or t.prefetch_batches >= 0, "train.prefetch_batches", "must be >= 0"
     )

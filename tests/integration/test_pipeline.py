@@ -92,6 +92,10 @@ def test_model_follows_contract_3(demo_run):
         assert np.isfinite(row["train_loss"])
         assert {"recall@10", "recall@50", "ndcg@10"} <= set(row)
     assert metrics["epochs"][-1]["train_loss"] < metrics["epochs"][0]["train_loss"]
+    # Both workers' shards fit train.cache_shard_bytes: only the first epoch streams.
+    assert [row["data"] for row in metrics["epochs"]] == ["stream"] + ["memory"] * (
+        config.train.epochs - 1
+    )
 
 
 def test_embeddings_follow_contract_4(demo_run):

@@ -169,6 +169,25 @@ def _with_changed_catalog(logs: str, out: Path, *, removed: int, added: int) -> 
     return dropped, new_ids
 
 
+def test_a_shard_over_the_cache_limit_streams_every_epoch(dataset, tmp_path):
+    config = config_from_dict(
+        {
+            "train": {
+                "epochs": 2,
+                "batch_size": 128,
+                "num_workers": 2,
+                "cpus_per_worker": 0.5,
+                "cache_shard_bytes": 1,
+            }
+        }
+    )
+    train.run(dataset=dataset, out=str(tmp_path / "model"), config=config)
+    metrics = _metrics(tmp_path / "model")
+    assert [row["data"] for row in metrics["epochs"]] == ["stream", "stream"]
+    steps = [row["step"] for row in metrics["epochs"]]
+    assert steps[1] == 2 * steps[0] > 0, steps
+
+
 def test_warm_start_keeps_known_rows_adds_new_drops_removed(
     small_world, dataset, tmp_path, ray_local
 ):

@@ -11,10 +11,12 @@ import torch
 from pipelines.checkpoint import row_map
 from pipelines.features import build_feature_table, infer_feature_specs
 from pipelines.train_loop import (
+    ShardCache,
     TowerPair,
     _dedupe_csr,
     _train_step,
     batch_tensors,
+    cached_batches,
     history_csv,
     to_csr,
     train_columns,
@@ -96,6 +98,37 @@ def test_batch_tensors_without_negative_columns():
         pa.table({"user_idx": [0], "item_idx": [5], "neg_item_idxs": [[1, 2]]})
     )
     assert with_negs["neg_item_idx"].tolist() == [[1, 2]] and "neg_source" not in with_negs
+
+
+def test_shard_cache_keeps_every_batch_or_gives_up():
+    batches = [pa.table({"user_idx": np.arange(start, start + 4)}) for start in (0, 4, 8)]
+    cache = ShardCache(max_bytes=10_000)
+    for batch in batches:
+        cache.add(batch)
+    assert cache.fits
+    assert cache.table()["user_idx"].to_pylist() == list(range(12))
+    assert cache.table().column(0).num_chunks == 1  # a copy, not views of the batches
+    small = ShardCache(max_bytes=2 * batches[0].nbytes)
+    for batch in batches:
+        small.add(batch)
+    assert not small.fits and small.batches is None  # what it held is let go
+    with pytest.raises(ValueError, match="cache_shard_bytes"):
+        small.table()
+    assert not ShardCache(max_bytes=0).fits
+
+
+def test_cached_batches_are_full_and_reshuffled_per_seed():
+    table = pa.table({"user_idx": np.arange(10)})
+
+    def epoch(seed):
+        return [b["user_idx"].to_pylist() for b in cached_batches(table, 3, shuffle_seed=seed)]
+
+    in_order = epoch(None)
+    assert in_order == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]  # the partial last batch is left out
+    first, again, other = epoch((0, 1, 0)), epoch((0, 1, 0)), epoch((0, 2, 0))
+    assert first == again and first != other
+    assert all(len(b) == 3 for b in first)
+    assert len({row for b in first for row in b}) == 9
 
 
 @pytest.mark.parametrize("source_weights", [{}, {"unexposed": 0.0, "ranked_out": 3.0}])

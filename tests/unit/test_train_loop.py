@@ -51,6 +51,22 @@ def _tables():
     return users, items
 
 
+def _model(config):
+    """(model, (users, user specs), (items, item specs)) of the test tables, seeded."""
+    users, items = _tables()
+    user_specs = infer_feature_specs(users, exclude={"user_idx", "user_id"}, overrides={})
+    item_specs = infer_feature_specs(items, exclude={"item_idx", "item_id"}, overrides={})
+    torch.manual_seed(0)
+    model = build_two_tower(
+        config.model,
+        num_users=NUM_USERS,
+        num_items=NUM_ITEMS,
+        user_specs=user_specs,
+        item_specs=item_specs,
+    )
+    return model, (users, user_specs), (items, item_specs)
+
+
 def _batch(rng) -> pa.Table:
     neg = rng.integers(0, NUM_ITEMS, size=(BATCH, NUM_NEGATIVES))
     sources = [list(rng.choice(NEGATIVE_SOURCES, NUM_NEGATIVES)) for _ in range(BATCH)]
@@ -142,17 +158,7 @@ def test_a_step_on_the_columns_read_equals_a_step_on_all_columns(source_weights)
             "model": {"embedding_dim": 8, "id_embedding_dim": 8, "hidden_dims": [16]},
         }
     )
-    users, items = _tables()
-    user_specs = infer_feature_specs(users, exclude={"user_idx", "user_id"}, overrides={})
-    item_specs = infer_feature_specs(items, exclude={"item_idx", "item_id"}, overrides={})
-    torch.manual_seed(0)
-    model = build_two_tower(
-        config.model,
-        num_users=NUM_USERS,
-        num_items=NUM_ITEMS,
-        user_specs=user_specs,
-        item_specs=item_specs,
-    )
+    model, (users, user_specs), (items, item_specs) = _model(config)
     batch = _batch(np.random.default_rng(3))
 
     def step(table, loss_config):
@@ -192,17 +198,7 @@ def test_every_loss_and_similarity_trains_a_few_steps(loss, sim):
             "train": {"learning_rate": 0.01},
         }
     )
-    users, items = _tables()
-    user_specs = infer_feature_specs(users, exclude={"user_idx", "user_id"}, overrides={})
-    item_specs = infer_feature_specs(items, exclude={"item_idx", "item_id"}, overrides={})
-    torch.manual_seed(0)
-    model = build_two_tower(
-        config.model,
-        num_users=NUM_USERS,
-        num_items=NUM_ITEMS,
-        user_specs=user_specs,
-        item_specs=item_specs,
-    )
+    model, (users, user_specs), (items, item_specs) = _model(config)
     pair = TowerPair(
         model, build_feature_table(users, user_specs), build_feature_table(items, item_specs)
     )

@@ -2,9 +2,10 @@
 
 All three train the same model with the same loss, data (the same columns: ``train_columns``)
 and batch size through the same ``_train_step``; the plain loop reads the train rows into
-memory with pyarrow, shuffles them each epoch (timed: the job's shuffle buffer is timed too) and
-has no Ray, no DDP and no data pipeline. Steady-state examples/s is the median over epochs after the
-first; startup (Ray, worker group, first epoch's warm-up) is reported separately. Every
+memory with pyarrow, shuffles them each epoch (timed, as the job's shuffle is) and has no Ray,
+no DDP and no data pipeline. Steady-state examples/s is the median over epochs after the first
+(for the job, epochs read from the in-memory shard; see ``train.cache_shard_bytes``); startup
+(Ray, worker group, first epoch's warm-up) is reported separately. Every
 configuration runs once per round (--repeats rounds, interleaved); a ratio compares runs of the
 same round, and the table gives the median over rounds and the range.
 

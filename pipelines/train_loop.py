@@ -270,10 +270,8 @@ def batch_tensors(batch: pa.Table) -> dict[str, torch.Tensor]:
 class ShardCache:
     """One worker's shard, collected batch by batch as it streams past.
 
-    ``train.cache_shard_bytes`` is ``max_bytes``.
-
-    Past ``max_bytes`` it gives up and lets go of what it holds; ``fits`` says whether it kept
-    everything.
+    Past ``max_bytes`` (``train.cache_shard_bytes``) it gives up and lets go of what it holds;
+    ``fits`` says whether it kept everything.
     """
 
     def __init__(self, max_bytes: int) -> None:

@@ -39,6 +39,25 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def cluster_ports() -> tuple[int, int, int, int]:
+    """(head, dashboard, client, agent base): distinct, and no node's agent port
+    (base + node index) lands on another one; ports drawn one by one can repeat or follow
+    each other, and Ray refuses a dashboard port another component uses."""
+    probes = [socket.socket() for _ in range(3)]
+    try:
+        for probe in probes:
+            probe.bind(("127.0.0.1", 0))
+        taken = [probe.getsockname()[1] for probe in probes]
+    finally:
+        for probe in probes:
+            probe.close()
+    agent_base = free_port()
+    while any(agent_base + node in taken for node in range(8)):
+        agent_base = free_port()
+    head, dashboard, client = taken
+    return head, dashboard, client, agent_base
+
+
 def processes_with_env(entry: str) -> list[int]:
     """Pids whose environment holds ``entry`` (``NAME=value``): what a test cluster started."""
     found = []
@@ -66,7 +85,7 @@ class LocalCluster:
         # Short: Ray's Unix socket paths live under it (about 100 characters at most).
         self.state = Path(tempfile.mkdtemp(prefix="tt-ray-", dir="/tmp"))
         self.marker = f"TWOTOWER_TEST_CLUSTER={uuid.uuid4().hex}"
-        self.head_port, self.dashboard_port = free_port(), free_port()
+        self.head_port, self.dashboard_port, client_port, agent_base = cluster_ports()
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
         env.update(
             {
@@ -74,8 +93,8 @@ class LocalCluster:
                 "TWOTOWER_CLUSTER_DIR": str(self.state),
                 "RAY_HEAD_PORT": str(self.head_port),
                 "RAY_DASHBOARD_PORT": str(self.dashboard_port),
-                "RAY_CLIENT_PORT": str(free_port()),
-                "RAY_AGENT_PORT_BASE": str(free_port()),
+                "RAY_CLIENT_PORT": str(client_port),
+                "RAY_AGENT_PORT_BASE": str(agent_base),
                 "RAY_HEAD_CPUS": str(head_cpus),
                 "RAY_WORKER_CPUS": str(worker_cpus),
                 "RAY_WORKERS": str(workers),

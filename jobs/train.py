@@ -116,6 +116,7 @@ def run(
             "item_specs": [s.to_dict() for s in item_specs],
             "init_from": init_from,
             "state_dir": state_dir,
+            "train_rows": io.count_rows(io.join(dataset, "train")),
         },
         scaling_config=ScalingConfig(
             num_workers=t.num_workers,

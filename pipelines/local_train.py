@@ -31,9 +31,11 @@ from pipelines.train_loop import (
     _optimizer,
     _train_step,
     batch_tensors,
+    learning_rate_at,
     load_entity_tables,
     load_history_codes,
     load_user_positives,
+    set_learning_rate,
 )
 from twotower_core.config import Config
 from twotower_core.features import FeatureTable
@@ -164,6 +166,7 @@ def fit(
     result = LocalFit(model, user_table, item_table, num_users, num_items)
     best, since_best = -math.inf, 0
     device = torch.device("cpu")
+    total_steps = t.epochs * (rows.num_rows // batch_size)
     for epoch in range(t.epochs):
         started = time.perf_counter()
         order_R = torch.as_tensor(np.random.default_rng([t.seed, epoch]).permutation(rows.num_rows))
@@ -171,6 +174,8 @@ def fit(
         model.train()
         for start in range(0, rows.num_rows - batch_size + 1, batch_size):
             batch = rows.batch(order_R[start : start + batch_size])
+            step = result.steps + len(losses)
+            set_learning_rate(optimizer, learning_rate_at(t, step, total_steps))
             losses.append(
                 _train_step(pair, task, optimizer, batch, config, generator, num_items, device)
             )

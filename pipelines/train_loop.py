@@ -31,7 +31,13 @@ from torch import nn
 from pipelines import io
 from pipelines.checkpoint import model_payload, row_map
 from pipelines.features import build_feature_table
-from twotower_core.config import NEGATIVE_SOURCES, Config, LossConfig, config_from_dict
+from twotower_core.config import (
+    NEGATIVE_SOURCES,
+    Config,
+    LossConfig,
+    TrainConfig,
+    config_from_dict,
+)
 from twotower_core.features import FeatureSpec, FeatureTable
 from twotower_core.metrics import retrieval_metrics
 from twotower_core.negatives import UserPositives
@@ -310,6 +316,29 @@ def cached_batches(
         yield table.slice(start, batch_size)
 
 
+def learning_rate_at(t: TrainConfig, step: int, total_steps: int) -> float:
+    """``train.lr_schedule``: the learning rate of optimizer step ``step`` (0-based) of a run of
+    ``total_steps`` (all of ``train.epochs``)."""
+    base = t.learning_rate
+    if step < t.lr_warmup_steps:
+        return base * (step + 1) / t.lr_warmup_steps
+    if t.lr_schedule == "constant":
+        return base
+    # 0 at the first step after warm-up, 1 at the last step of the run.
+    span = max(total_steps - t.lr_warmup_steps - 1, 1)
+    progress = min(max((step - t.lr_warmup_steps) / span, 0), 1)
+    if t.lr_schedule == "cosine":
+        shape = 0.5 * (1 + math.cos(math.pi * progress))
+    else:
+        shape = 1 - progress
+    return base * (t.lr_final_fraction + (1 - t.lr_final_fraction) * shape)
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
 def _optimizer(config: Config, parameters) -> torch.optim.Optimizer:
     t = config.train
     if t.optimizer == "adam":
@@ -456,6 +485,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     )
     generator = torch.Generator().manual_seed(t.seed * 1000 + rank)
     shard = ray.train.get_dataset_shard("train")
+    # Ray Train splits the rows equally; every worker trains on this many full batches an epoch.
+    total_steps = t.epochs * (loop_config["train_rows"] // world_size // t.batch_size)
 
     def save_and_report(metrics: dict[str, Any]) -> None:
         if rank != 0:
@@ -506,6 +537,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 collector.add(batch)
             if batch_number < skip or batch.num_rows < t.batch_size:
                 continue
+            set_learning_rate(optimizer, learning_rate_at(t, state.global_step, total_steps))
             loss = _train_step(
                 pair, task, optimizer, batch_tensors(batch), config, generator, num_items, device
             )
@@ -537,6 +569,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "train_loss": epoch_loss,
             "examples_per_s": examples * world_size / max(elapsed, 1e-9),
             "epoch_seconds": elapsed,
+            "learning_rate": optimizer.param_groups[0]["lr"],  # at the epoch's last step
             "data": "memory" if collector is None else "stream",
         }
         if collector is not None and t.cache_shard_bytes > 0:

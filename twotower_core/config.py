@@ -137,6 +137,9 @@ class LossConfig:
     gather_across_workers: bool = False
 
 
+LR_SCHEDULES = ("constant", "cosine", "linear")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 5
@@ -144,6 +147,13 @@ class TrainConfig:
     learning_rate: float = 3e-3
     weight_decay: float = 0.0
     optimizer: str = "adam"
+    # Learning rate over the run: "constant", or "cosine" / "linear" decay from learning_rate
+    # to lr_final_fraction × learning_rate at the last step of train.epochs, after
+    # lr_warmup_steps of linear warm-up from 0 (set per step from the step counter, so a resumed
+    # run continues the schedule).
+    lr_schedule: str = "constant"
+    lr_warmup_steps: int = 0
+    lr_final_fraction: float = 0.0
     num_workers: int = 2
     cpus_per_worker: float = 0.5
     use_gpu: bool = False
@@ -451,6 +461,9 @@ def validate(config: Config) -> None:
     _require(t.learning_rate > 0, "train.learning_rate", "must be > 0")
     _require(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
     _check_name(t.optimizer, ("adam", "adamw", "adagrad", "sgd"), "train.optimizer")
+    _check_name(t.lr_schedule, LR_SCHEDULES, "train.lr_schedule")
+    _require(t.lr_warmup_steps >= 0, "train.lr_warmup_steps", "must be >= 0")
+    _require(0 <= t.lr_final_fraction <= 1, "train.lr_final_fraction", "must be in [0, 1]")
     _require(t.num_workers >= 1, "train.num_workers", "must be >= 1")
     _require(t.cpus_per_worker > 0, "train.cpus_per_worker", "must be > 0")
     _require(t.max_failures >= 0, "train.max_failures", "must be >= 0")

@@ -29,6 +29,8 @@ TRAIN_OVERRIDES = [
     "train.batch_size=32",
     "train.checkpoint_every_steps=8",
     "train.max_failures=3",
+    # The schedule follows the step counter: resumed, it still ends at 0 on the last step.
+    "train.lr_schedule=cosine",
 ]
 
 
@@ -122,6 +124,8 @@ def _assert_continued(metrics: dict) -> None:
     steps = [row["step"] for row in metrics["epochs"]]
     per_epoch = np.diff([0, *steps])
     assert (per_epoch == per_epoch[0]).all(), steps
+    rates = [row["learning_rate"] for row in metrics["epochs"]]
+    assert rates[0] > rates[1] > rates[2] == pytest.approx(0, abs=1e-12), rates
 
 
 def test_rerun_after_a_killed_driver_resumes(dataset, tmp_path):
@@ -178,6 +182,8 @@ def test_a_shard_over_the_cache_limit_streams_every_epoch(dataset, tmp_path):
                 "num_workers": 2,
                 "cpus_per_worker": 0.5,
                 "cache_shard_bytes": 1,
+                "lr_schedule": "linear",
+                "lr_final_fraction": 0.5,
             }
         }
     )
@@ -186,6 +192,8 @@ def test_a_shard_over_the_cache_limit_streams_every_epoch(dataset, tmp_path):
     assert [row["data"] for row in metrics["epochs"]] == ["stream", "stream"]
     steps = [row["step"] for row in metrics["epochs"]]
     assert steps[1] == 2 * steps[0] > 0, steps
+    # Streamed shards hold the planned number of steps: the decay ends on the last one.
+    assert metrics["epochs"][1]["learning_rate"] == pytest.approx(0.5 * 3e-3)
 
 
 def test_warm_start_keeps_known_rows_adds_new_drops_removed(

@@ -54,6 +54,9 @@ def test_negative_learning_rate_is_refused():
         ({"torch_threads": -3}, r"train\.torch_threads.*>= 1"),
         ({"shuffle_buffer_batches": -1}, r"train\.shuffle_buffer_batches.*>= 0"),
         ({"prefetch_batches": -1}, r"train\.prefetch_batches.*>= 0"),
+        ({"lr_schedule": "cosin"}, r"train\.lr_schedule.*'cosin'.*cosine"),
+        ({"lr_warmup_steps": -1}, r"train\.lr_warmup_steps.*>= 0"),
+        ({"lr_final_fraction": 1.5}, r"train\.lr_final_fraction.*\[0, 1\]"),
     ],
 )
 def test_train_evaluation_settings_are_checked(train, message):

@@ -18,6 +18,8 @@ from pipelines.train_loop import (
     batch_tensors,
     cached_batches,
     history_csv,
+    learning_rate_at,
+    set_learning_rate,
     to_csr,
     train_columns,
 )
@@ -264,3 +266,48 @@ def test_prefetch_defaults_to_zero_on_cpu_and_one_on_gpu():
     assert prefetch_batches(config_from_dict({}).train) == 0
     assert prefetch_batches(config_from_dict({"train": {"use_gpu": True}}).train) == 1
     assert prefetch_batches(config_from_dict({"train": {"prefetch_batches": 3}}).train) == 3
+
+
+def _train(**settings):
+    return config_from_dict({"train": {"learning_rate": 0.01, **settings}}).train
+
+
+def test_constant_schedule_keeps_the_learning_rate():
+    t = _train()
+    assert [learning_rate_at(t, step, 100) for step in (0, 50, 99, 150)] == [0.01] * 4
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_decay_runs_from_the_rate_to_its_final_fraction(schedule):
+    t = _train(lr_schedule=schedule, lr_final_fraction=0.1)
+    rates = [learning_rate_at(t, step, 101) for step in range(101)]
+    assert rates[0] == pytest.approx(0.01)
+    assert rates[-1] == pytest.approx(0.001)
+    assert all(a >= b for a, b in zip(rates, rates[1:], strict=False))
+    middle = 0.001 + 0.009 * 0.5
+    assert rates[50] == pytest.approx(middle)  # cosine and linear meet half-way
+    if schedule == "cosine":  # slow at first: above the straight line in the first half
+        assert rates[25] > 0.001 + 0.009 * 0.75
+    else:
+        assert rates[25] == pytest.approx(0.001 + 0.009 * 0.75)
+    # past the planned end (a longer resumed run) it stays at the floor
+    assert learning_rate_at(t, 500, 101) == pytest.approx(0.001)
+
+
+def test_warmup_rises_linearly_then_the_decay_starts():
+    t = _train(lr_schedule="cosine", lr_warmup_steps=10)
+    assert learning_rate_at(t, 0, 111) == pytest.approx(0.001)
+    assert learning_rate_at(t, 4, 111) == pytest.approx(0.005)
+    assert learning_rate_at(t, 10, 111) == pytest.approx(0.01)
+    assert learning_rate_at(t, 60, 111) == pytest.approx(0.005)
+    warm_constant = _train(lr_warmup_steps=4)
+    assert [learning_rate_at(warm_constant, s, 50) for s in (0, 3, 20)] == pytest.approx(
+        [0.0025, 0.01, 0.01]
+    )
+
+
+def test_set_learning_rate_reaches_every_parameter_group():
+    a, b = torch.nn.Parameter(torch.ones(1)), torch.nn.Parameter(torch.ones(1))
+    optimizer = torch.optim.Adam([{"params": [a]}, {"params": [b], "lr": 0.5}], lr=0.1)
+    set_learning_rate(optimizer, 0.02)
+    assert [group["lr"] for group in optimizer.param_groups] == [0.02, 0.02]

@@ -10,7 +10,7 @@ configuration runs once per round (--repeats rounds, interleaved); a ratio compa
 same round, and the table gives the median over rounds and the range.
 
     python benchmarks/train_throughput.py                       # generates a world, builds it
-    python benchmarks/train_throughput.py --dataset DIR --epochs 4
+    python benchmarks/train_throughput.py --dataset DIR --epochs 8
     python benchmarks/train_throughput.py --use-gpu             # on a GPU machine
 
 Prints a table, writes benchmarks/results/train_throughput.{json,png}.
@@ -131,7 +131,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--users", type=int, default=20000)
     parser.add_argument("--items", type=int, default=5000)
     parser.add_argument("--days", type=int, default=5)
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=8,
+        help="epochs per run; steady state = the median of epochs 2..N (one epoch swings ±20%% here)",
+    )
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument(
         "--threads",

@@ -11,8 +11,6 @@ import argparse
 import sys
 from dataclasses import dataclass
 
-import pyarrow.fs as pafs
-
 from pipelines import io
 from pipelines.synthetic import ID_TYPES, WorldSpec, generate_world
 
@@ -44,8 +42,6 @@ def run(
 ) -> GenerateLogsResult:
     """Validate, refuse an existing non-empty ``out`` unless overwrite, generate, publish."""
     spec.validate()
-    # An existing empty directory (e.g. a freshly mounted volume) is as good as none.
-    overwrite = overwrite or _is_empty_directory(out)
     with io.staged_output(out, overwrite=overwrite) as staging:
         world = generate_world(spec, staging, progress=progress)
     return GenerateLogsResult(
@@ -58,13 +54,6 @@ def run(
         clicks_per_active_user_day=world.clicks_per_active_user_day,
         clicks_per_position=world.clicks_per_position,
     )
-
-
-def _is_empty_directory(path: str) -> bool:
-    fs, inner = io.resolve(path)
-    if fs.get_file_info(inner).type != pafs.FileType.Directory:
-        return False
-    return not fs.get_file_info(pafs.FileSelector(inner, recursive=False))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

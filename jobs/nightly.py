@@ -183,9 +183,15 @@ class _Run:
         return self.paths.root
 
 
-def _overwrite_incomplete(path: str) -> bool:
-    """A dir without _SUCCESS (a writer died between the move and the marker) is replaced."""
-    return io.exists(path) and not io.is_complete(path)
+def _clear_incomplete(path: str) -> None:
+    """Remove a dir without _SUCCESS (a writer died between its move and the marker).
+
+    The run dir is the nightly job's own, so this is safe here; ``--overwrite`` elsewhere
+    refuses such a dir (it may be a user's).
+    """
+    if io.exists(path) and not io.is_complete(path):
+        logger.warning("removing %s: a previous attempt left it without _SUCCESS", path)
+        io.remove(path)
 
 
 def _step_build(run: _Run) -> dict[str, Any]:
@@ -195,12 +201,12 @@ def _step_build(run: _Run) -> dict[str, Any]:
     if io.is_complete(paths.dataset):
         manifest = io.read_json(io.join(paths.dataset, "manifest.json"))
     else:
+        _clear_incomplete(paths.dataset)
         manifest = build_dataset.run(
             logs=run.logs,
             out=paths.dataset,
             config=run.config,
             address=run.address,
-            overwrite=_overwrite_incomplete(paths.dataset),
         ).manifest
     return {
         "dataset": paths.dataset,
@@ -225,13 +231,13 @@ def _step_train(run: _Run) -> dict[str, Any]:
         logger.info(
             "training %s", f"warm-started from run {previous}" if previous else "from scratch"
         )
+        _clear_incomplete(paths.model)
         train.run(
             dataset=paths.dataset,
             out=paths.model,
             config=run.config,
             init_from=init_from,
             address=run.address,
-            overwrite=_overwrite_incomplete(paths.model),
         )
     metrics = io.read_json(io.join(paths.model, "metrics.json"))
     return {
@@ -299,13 +305,13 @@ def _step_embed(run: _Run) -> dict[str, Any]:
     if io.is_complete(paths.embeddings):
         manifest = io.read_json(io.join(paths.embeddings, "manifest.json"))
     else:
+        _clear_incomplete(paths.embeddings)
         manifest = embed.run(
             model=paths.model,
             out=paths.embeddings,
             config=run.config,
             dataset=paths.dataset,
             address=run.address,
-            overwrite=_overwrite_incomplete(paths.embeddings),
         ).manifest
     return {"embeddings": paths.embeddings, "counts": manifest["counts"], "dim": manifest["dim"]}
 

@@ -178,7 +178,10 @@ def prepare_logs_dataset(logs: str, dataset: str, grid: StudyGrid) -> dict[str, 
     from pipelines.build import build_dataset
 
     logger.info("building the study dataset %s from %s", dataset, logs)
-    return build_dataset(logs, dataset, dataset_config, overwrite=True).manifest
+    # The dataset dir is the study's own: one left without _SUCCESS by a crash is replaced.
+    if io.exists(dataset):
+        io.remove(dataset)
+    return build_dataset(logs, dataset, dataset_config).manifest
 
 
 def prepare_movielens_dataset(directory: str, dataset: str, grid: StudyGrid) -> dict[str, Any]:
@@ -251,7 +254,9 @@ def _references(out: str, dataset: str, logs: str | None, ks: tuple[int, ...]):
 
 
 def _save_references(out: str, references: dict[str, Any], ks: tuple[int, ...]) -> None:
-    with io.staged_output(io.join(out, REFERENCES_DIR), overwrite=True) as staging:
+    with io.staged_output(
+        io.join(out, REFERENCES_DIR), overwrite=True, replace_incomplete=True
+    ) as staging:
         io.write_json(
             io.join(staging, "references.json"), {"ks": list(ks), "references": references}
         )

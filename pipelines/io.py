@@ -113,24 +113,48 @@ def _staging_path(out: str) -> str:
     return join(parent, f".{name}._staging-{uuid.uuid4().hex[:12]}")
 
 
-def check_writable(out: str, *, overwrite: bool) -> None:
-    """Refuse an existing output unless overwrite; call before any work starts."""
-    if exists(out) and not overwrite:
-        state = "complete" if is_complete(out) else "incomplete"
+def is_empty_directory(path: str) -> bool:
+    fs, inner = resolve(path)
+    if fs.get_file_info(inner).type != pafs.FileType.Directory:
+        return False
+    return not fs.get_file_info(pafs.FileSelector(inner, recursive=False))
+
+
+def check_writable(out: str, *, overwrite: bool, replace_incomplete: bool = False) -> None:
+    """Refuse an existing output unless overwrite; call before any work starts.
+
+    An empty directory (a freshly mounted volume) counts as none. ``overwrite`` replaces only a
+    published output (one with ``_SUCCESS``): ``--out ~ --overwrite`` must not delete a home
+    directory. ``replace_incomplete`` also replaces a dir without the marker (a writer that died
+    between its move and the marker); only callers that own the path (nightly, study) pass it.
+    """
+    if not exists(out) or is_empty_directory(out):
+        return
+    complete = is_complete(out)
+    if not overwrite:
+        state = "complete" if complete else "incomplete"
         raise OutputExistsError(
             f"output {out} already exists ({state}); pass --overwrite to replace it"
+        )
+    if not complete and not replace_incomplete:
+        raise OutputExistsError(
+            f"refusing to replace {out}: it has no {SUCCESS_MARKER} marker, so it is not a "
+            "published twotower output (or its writer died before finishing); --overwrite "
+            "only replaces published outputs: remove it yourself or choose another path"
         )
 
 
 @contextlib.contextmanager
-def staged_output(out: str, *, overwrite: bool = False) -> Iterator[str]:
+def staged_output(
+    out: str, *, overwrite: bool = False, replace_incomplete: bool = False
+) -> Iterator[str]:
     """Yield a staging directory; on clean exit move it to ``out`` and write ``_SUCCESS`` last.
 
     On an exception the staging directory is removed and ``out`` is left as it was, so a
     failed run never leaves a visible partial output. Local moves are ``os.rename`` (atomic on
     one filesystem); on object stores the ``_SUCCESS`` marker is what readers check.
     """
-    check_writable(out, overwrite=overwrite)
+    check_writable(out, overwrite=overwrite, replace_incomplete=replace_incomplete)
     staging = _staging_path(out)
     makedirs(staging)
     try:

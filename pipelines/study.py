@@ -569,7 +569,9 @@ def run_cell(dataset: str, cell: Cell, *, out: str) -> dict[str, Any]:
         "config": config_to_dict(cell.config),
         "finished_at": io.utc_now(),
     }
-    with io.staged_output(cell_dir(out, cell.cell_id), overwrite=True) as staging:
+    with io.staged_output(
+        cell_dir(out, cell.cell_id), overwrite=True, replace_incomplete=True
+    ) as staging:
         io.write_json(io.join(staging, RESULT_FILE), result)
     return result
 

@@ -165,6 +165,9 @@ def test_check_inputs_refuses_existing_output_and_bad_config(tmp_path):
     logs = small_logs(impressions=None).write(tmp_path / "logs")
     out = tmp_path / "dataset"
     out.mkdir()
+    check_inputs(logs, str(out), DatasetConfig())  # an empty directory counts as none
+    (out / "manifest.json").write_text("{}")
+    (out / io.SUCCESS_MARKER).write_text("")
     with pytest.raises(io.OutputExistsError, match="--overwrite"):
         check_inputs(logs, str(out), DatasetConfig())
     check_inputs(logs, str(out), DatasetConfig(), overwrite=True)

@@ -51,6 +51,41 @@ def test_overwrite_replaces_and_a_failed_overwrite_keeps_the_old(tmp_path):
     assert io.is_complete(str(out))
 
 
+def test_overwrite_never_replaces_a_dir_that_is_not_a_published_output(tmp_path):
+    """``--out ~ --overwrite`` must not delete a home directory: without _SUCCESS it is refused."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "notes.txt").write_text("keep me")
+    with pytest.raises(io.OutputExistsError, match=r"refusing to replace .*home.*_SUCCESS"):
+        with io.staged_output(str(home), overwrite=True) as staging:
+            io.write_json(io.join(staging, "metrics.json"), {"v": 1})
+    assert (home / "notes.txt").read_text() == "keep me"
+    assert sorted(os.listdir(tmp_path)) == ["home"]  # no staging left behind
+    a_file = tmp_path / "report.csv"
+    a_file.write_text("a,b\n")
+    with pytest.raises(io.OutputExistsError, match="refusing to replace"):
+        io.check_writable(str(a_file), overwrite=True)
+    assert a_file.read_text() == "a,b\n"
+
+
+def test_an_owner_may_replace_its_own_incomplete_output(tmp_path):
+    out = tmp_path / "cell"
+    out.mkdir()
+    (out / "result.json").write_text("{}")  # a writer died between the move and _SUCCESS
+    with io.staged_output(str(out), overwrite=True, replace_incomplete=True) as staging:
+        io.write_json(io.join(staging, "result.json"), {"v": 2})
+    assert io.read_json(str(out / "result.json")) == {"v": 2}
+    assert io.is_complete(str(out))
+
+
+def test_an_empty_directory_counts_as_no_output(tmp_path):
+    out = tmp_path / "mounted"
+    out.mkdir()
+    with io.staged_output(str(out)) as staging:
+        io.write_json(io.join(staging, "manifest.json"), {"v": 1})
+    assert io.is_complete(str(out))
+
+
 def test_replace_file_atomically(tmp_path):
     path = str(tmp_path / "LATEST")
     io.replace_file_atomically(path, "runs/2026-11-01\n")

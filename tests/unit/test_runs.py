@@ -583,3 +583,21 @@ def test_publish_applies_retention_keeping_latest_and_the_run(
     assert runs.list_runs(str(tmp_path)) == ["2026-10-31", "2026-11-01", "2026-11-02", "2026-11-03"]
     # A backfill never moves LATEST backwards.
     assert result.latest == runs.read_latest(str(tmp_path)) == "2026-11-01"
+
+
+def test_nightly_clears_only_its_incomplete_step_outputs(tmp_path):
+    """A step dir left without _SUCCESS (a crash between move and marker) is removed so the
+    step reruns; a published one is kept (the step is skipped)."""
+    from jobs.nightly import _clear_incomplete
+
+    broken, published = tmp_path / "model", tmp_path / "embeddings"
+    broken.mkdir()
+    (broken / "metrics.json").write_text("{}")
+    published.mkdir()
+    (published / "manifest.json").write_text("{}")
+    (published / "_SUCCESS").write_text("")
+    _clear_incomplete(str(broken))
+    _clear_incomplete(str(published))
+    _clear_incomplete(str(tmp_path / "absent"))
+    assert sorted(os.listdir(tmp_path)) == ["embeddings"]
+    assert (published / "manifest.json").exists()

@@ -41,4 +41,18 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> No
         object_store_memory=DEFAULT_OBJECT_STORE_BYTES,
         include_dashboard=False,
         log_to_driver=True,
+        runtime_env={"worker_process_setup_hook": "jobs.ray_runtime.quiet_without_state_api"},
     )
+
+
+# Ray Train's PlacementGroupCleaner (a detached actor per run) asks the State API every second
+# whether the run's controller is alive; the State API is served by the dashboard, which a local
+# Ray here runs without, so each ask fails and logs a warning: about one line a second for the
+# whole run, in every training log. The cleaner only matters when a controller dies while the
+# cluster lives on; a local Ray ends with its driver.
+_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+
+
+def quiet_without_state_api() -> None:
+    """``worker_process_setup_hook`` of the local Ray: mute the cleaner's failed-query warnings."""
+    logging.getLogger(_CLEANER_LOGGER).setLevel(logging.ERROR)

@@ -9,6 +9,7 @@ nightly ...`), and the published outputs are checked from here.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -229,3 +230,29 @@ def test_nightly_submitted_with_ray_job_submit_publishes(cluster, small_world, t
         timeout=120,
     )
     assert status.stdout.count(" node_") == 2, status.stdout
+    # ... and both ran the job's work: the State API's finished tasks name both node ids.
+    placement = subprocess.run(
+        [sys.executable, "-c", _WHERE_TASKS_RAN, cluster.dashboard_url],
+        env=cluster.client_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert placement.returncode == 0, placement.stderr[-3000:]
+    where = json.loads(placement.stdout.strip().splitlines()[-1])
+    assert len(where["nodes"]) == 2, where
+    assert set(where["ran_on"]) == set(where["nodes"]), where
+
+
+_WHERE_TASKS_RAN = """
+import collections, json, sys
+from ray.util.state import list_nodes, list_tasks
+url = sys.argv[1]
+nodes = sorted(node.node_id for node in list_nodes(address=url))
+tasks = list_tasks(
+    address=url, filters=[("state", "=", "FINISHED")], detail=True, limit=10_000,
+    raise_on_missing_output=False,
+)
+ran_on = collections.Counter(task.node_id for task in tasks if task.node_id)
+print(json.dumps({"nodes": nodes, "ran_on": dict(ran_on)}))
+"""

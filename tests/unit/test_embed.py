@@ -483,5 +483,6 @@ def test_embed_refuses_before_ray_starts(tmp_path, world):
         embed_job.run(model=str(tmp_path / "missing"), out=str(tmp_path / "out"))
     model_dir = write_model_dir(root / "model_refuse", dataset)
     (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("not empty")  # an empty dir counts as none
     with pytest.raises(FileExistsError, match="already exists"):
         embed_job.run(model=model_dir, out=str(tmp_path / "taken"))

@@ -71,6 +71,11 @@ class DatasetConfig:
     shuffle_batch_mb: int = 128
 
 
+# How a bag feature's rows are pooled: their mean, their sum, or their sum / sqrt(length) (the
+# "sqrtn" combiner; FISM's |history|^-1/2, between the other two for long bags).
+BAG_POOLINGS = ("mean", "sum", "sqrtn")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The two towers: ID embedding + feature encoders → MLP → embedding_dim."""
@@ -412,7 +417,7 @@ def validate(config: Config) -> None:
     _require(all(h >= 1 for h in m.hidden_dims), "model.hidden_dims", "every size must be >= 1")
     _require(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
     _check_name(m.activation, ("relu", "gelu", "tanh", "silu"), "model.activation")
-    _check_name(m.bag_pooling, ("mean", "sum"), "model.bag_pooling")
+    _check_name(m.bag_pooling, BAG_POOLINGS, "model.bag_pooling")
     _require(
         m.use_ids or m.use_features,
         "model.use_ids",

@@ -9,7 +9,7 @@ Tensor contract per feature kind (what ``FeatureTable.lookup`` returns and the e
 - ``numeric``: float32 [B] raw values, NaN = missing; the encoder standardises with the stored
   mean/std and turns NaN into 0 (the mean) after standardising.
 - ``bag``: int64 [B, L] codes of a multi-valued column, 0 = padding (and unknown values);
-  pooled by mean or sum of the non-padding rows.
+  pooled by mean, sum or sum / sqrt(count) of the non-padding rows (``model.bag_pooling``).
 
 Specs are fitted from the data by ``pipelines.features`` and stored in the checkpoint
 (``to_dict``), so the embed job encodes features exactly as training did.
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from twotower_core.config import ModelConfig
+from twotower_core.config import BAG_POOLINGS, ModelConfig
 
 SPEC_KINDS: tuple[str, ...] = ("categorical", "numeric", "bag")
 
@@ -94,9 +94,10 @@ class FeatureEncoder(nn.Module):
         self.embedded_specs = [s for s in specs if s.kind != "numeric"]
         self.numeric_specs = [s for s in specs if s.kind == "numeric"]
         self.bag_pooling = config.bag_pooling
-        if self.bag_pooling not in ("mean", "sum"):
+        if self.bag_pooling not in BAG_POOLINGS:
             raise ValueError(
-                f"model.bag_pooling: unknown value {self.bag_pooling!r}; valid: mean, sum"
+                f"model.bag_pooling: unknown value {self.bag_pooling!r}; "
+                f"valid: {', '.join(BAG_POOLINGS)}"
             )
         dim = config.feature_embedding_dim
         # Bags: code 0 is padding, a zero row with no gradient. Categoricals: code 0 is a learned
@@ -133,8 +134,10 @@ class FeatureEncoder(nn.Module):
                 parts.append(table(codes))
                 continue
             pooled_BE = table(codes).sum(dim=1)  # [B, L, E] -> [B, E]; padding rows are zero
-            if self.bag_pooling == "mean":
+            if self.bag_pooling != "sum":
                 lengths_B1 = (codes > 0).sum(dim=1, keepdim=True).clamp_min(1)
+                if self.bag_pooling == "sqrtn":
+                    lengths_B1 = lengths_B1.to(pooled_BE.dtype).sqrt()
                 pooled_BE = pooled_BE / lengths_B1
             parts.append(pooled_BE)
         if self.numeric_specs:

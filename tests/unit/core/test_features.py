@@ -71,6 +71,19 @@ def test_encoder_sum_pooling():
     assert out[0, 2:4].tolist() == [1.0, 3.0]
 
 
+def test_encoder_sqrtn_pooling():
+    out = encoder_with_known_rows("sqrtn")(batch())
+    # ((1, 0) + (0, 3)) / sqrt(2); a one-item bag is its row; an empty bag stays zero.
+    assert out[0, 2:4].tolist() == pytest.approx([1 / math.sqrt(2), 3 / math.sqrt(2)])
+    assert out[2, 2:4].tolist() == [2.0, 2.0]
+    assert out[1, 2:4].tolist() == [0.0, 0.0]
+
+
+def test_encoder_rejects_unknown_pooling():
+    with pytest.raises(ValueError, match="model.bag_pooling: unknown value 'max'; valid: mean, sum, sqrtn"):
+        FeatureEncoder(SPECS, ModelConfig(feature_embedding_dim=2, bag_pooling="max"))
+
+
 def test_bag_padding_row_has_no_gradient_but_categorical_missing_row_learns():
     encoder = FeatureEncoder(SPECS, CONFIG)
     encoder(batch()).sum().backward()

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from twotower_core.config import BAG_POOLINGS, ModelConfig
@@ -123,6 +124,21 @@ class FeatureEncoder(nn.Module):
         )
         self.output_dim = dim * len(self.embedded_specs) + len(self.numeric_specs)
 
+    def _pool_bag(self, table: nn.Embedding, codes_BL: Tensor) -> Tensor:
+        """[B, E] pooled rows of a padded bag; padding (code 0) counts neither in sum nor length.
+
+        ``embedding_bag`` reduces without building the [B, L, E] rows: a history bag of a few
+        hundred items per user is the encoder's biggest cost, and that tensor was most of it.
+        """
+        if codes_BL.shape[1] == 0:  # every bag of the batch is empty
+            return table.weight.new_zeros((codes_BL.shape[0], table.embedding_dim))
+        mode = "mean" if self.bag_pooling == "mean" else "sum"
+        pooled_BE = F.embedding_bag(codes_BL, table.weight, mode=mode, padding_idx=0)
+        if self.bag_pooling == "sqrtn":
+            lengths_B1 = (codes_BL > 0).sum(dim=1, keepdim=True).clamp_min(1)
+            pooled_BE = pooled_BE / lengths_B1.to(pooled_BE.dtype).sqrt()
+        return pooled_BE
+
     def forward(self, features: Mapping[str, Tensor]) -> Tensor:
         """[B, F] from the per-kind tensors described in the module docstring."""
         parts = []
@@ -133,13 +149,7 @@ class FeatureEncoder(nn.Module):
             if spec.kind == "categorical":
                 parts.append(table(codes))
                 continue
-            pooled_BE = table(codes).sum(dim=1)  # [B, L, E] -> [B, E]; padding rows are zero
-            if self.bag_pooling != "sum":
-                lengths_B1 = (codes > 0).sum(dim=1, keepdim=True).clamp_min(1)
-                if self.bag_pooling == "sqrtn":
-                    lengths_B1 = lengths_B1.to(pooled_BE.dtype).sqrt()
-                pooled_BE = pooled_BE / lengths_B1
-            parts.append(pooled_BE)
+            parts.append(self._pool_bag(table, codes))
         if self.numeric_specs:
             # [B, F_numeric]
             raw = torch.stack(

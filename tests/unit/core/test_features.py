@@ -84,6 +84,20 @@ def test_encoder_rejects_unknown_pooling():
         FeatureEncoder(SPECS, ModelConfig(feature_embedding_dim=2, bag_pooling="max"))
 
 
+@pytest.mark.parametrize("pooling", ["mean", "sum", "sqrtn"])
+def test_bag_pooling_matches_the_padded_rows_reduced_by_hand(pooling):
+    encoder = FeatureEncoder(SPECS, ModelConfig(feature_embedding_dim=3, bag_pooling=pooling))
+    codes = torch.tensor([[3, 1, 2, 0], [0, 0, 0, 0], [2, 2, 0, 0]])  # a repeated code counts twice
+    table = encoder.embeddings[1]
+    rows_BLE = table.weight[codes] * (codes > 0).unsqueeze(-1)
+    lengths_B1 = (codes > 0).sum(dim=1, keepdim=True).clamp_min(1).float()
+    divisor = {"mean": lengths_B1, "sum": 1.0, "sqrtn": lengths_B1.sqrt()}[pooling]
+    expected = rows_BLE.sum(dim=1) / divisor
+    assert torch.allclose(encoder._pool_bag(table, codes), expected)
+    # A batch of empty bags padded to width 0 pools to zeros.
+    assert encoder._pool_bag(table, torch.zeros((2, 0), dtype=torch.long)).tolist() == [[0.0] * 3] * 2
+
+
 def test_bag_padding_row_has_no_gradient_but_categorical_missing_row_learns():
     encoder = FeatureEncoder(SPECS, CONFIG)
     encoder(batch()).sum().backward()

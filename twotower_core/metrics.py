@@ -10,6 +10,9 @@ ranking, and the top K are compared with the user's held-out items (the targets)
   (they were excluded from the ranking, so they could never be retrieved). Users with no target
   left are skipped; every metric is a mean over the remaining users (``eval_users``).
 - ``recall@k`` = |top-k ∩ targets| / |targets|
+- ``recall_capped@k`` = |top-k ∩ targets| / min(k, |targets|): recall whose denominator is
+  what top-k could hold at best, so a user with more than k targets can reach 1 (Liang et al.,
+  "Variational Autoencoders for Collaborative Filtering", WWW 2018; the EASE paper's Recall@k)
 - ``hit_rate@k`` = 1 if top-k ∩ targets is non-empty
 - ``ndcg@k`` = Σ_{r<k, item r is a target} 1/log2(r + 2)  /  Σ_{r < min(k, |targets|)} 1/log2(r + 2)
 - ``mrr`` = 1 / rank of the best-scored target in the full ranking (not cut at K):
@@ -35,7 +38,11 @@ from twotower_core.similarity import similarity as get_similarity
 
 def metric_names(ks: tuple[int, ...] | list[int]) -> list[str]:
     """The metrics an evaluation with these cut-offs reports (valid metric config values)."""
-    names = [f"{name}@{k}" for name in ("recall", "hit_rate", "ndcg", "coverage") for k in ks]
+    names = [
+        f"{name}@{k}"
+        for name in ("recall", "recall_capped", "hit_rate", "ndcg", "coverage")
+        for k in ks
+    ]
     return sorted(names) + ["mrr"]
 
 def _as_long(values: Tensor | np.ndarray, device: torch.device) -> Tensor:
@@ -74,7 +81,7 @@ def retrieval_metrics(
     user_chunk_size: int = 512,
     item_chunk_size: int = 65536,
 ) -> dict[str, float]:
-    """Recall, HitRate, NDCG at each k, MRR and coverage over the full catalog.
+    """Recall, capped recall, HitRate, NDCG at each k, MRR and coverage over the full catalog.
 
     Args:
         user_UD: [U, D] embeddings of the users to evaluate.
@@ -84,7 +91,8 @@ def retrieval_metrics(
         eval_items: [nnz] held-out item indices.
         exclude_indptr: [U + 1] CSR offsets of each user's train positives (None = exclude none).
         exclude_items: [nnz'] train positive item indices.
-        ks: cut-offs; keys come out as ``recall@10``, ``hit_rate@10``, ``ndcg@10``, ``coverage@10``.
+        ks: cut-offs; keys come out as ``recall@10``, ``recall_capped@10``, ``hit_rate@10``,
+            ``ndcg@10``, ``coverage@10``.
         user_chunk_size: users scored per block.
         item_chunk_size: items scored per block.
 
@@ -119,7 +127,9 @@ def retrieval_metrics(
 
     discount_K = 1.0 / torch.log2(torch.arange(max_k, device=device, dtype=torch.float64) + 2.0)
     ideal_K = discount_K.cumsum(0)  # ideal DCG with r+1 targets, r < K
-    sums = {f"{name}@{k}": 0.0 for k in ks for name in ("recall", "hit_rate", "ndcg")}
+    sums = {
+        f"{name}@{k}": 0.0 for k in ks for name in ("recall", "recall_capped", "hit_rate", "ndcg")
+    }
     reciprocal_rank_sum = 0.0
     # best_rank_I[i] = the best rank item i reached in any user's top K (K = never).
     best_rank_I = torch.full((num_items,), max_k, dtype=torch.long, device=device)
@@ -146,6 +156,7 @@ def retrieval_metrics(
             kk = min(k, max_k)
             hits_u = hits_uK[:, :kk].sum(1)
             sums[f"recall@{k}"] += float((hits_u / num_targets_u).sum())
+            sums[f"recall_capped@{k}"] += float((hits_u / num_targets_u.clamp_max(kk)).sum())
             sums[f"hit_rate@{k}"] += float((hits_u > 0).sum())
             dcg_u = (hits_uK[:, :kk] * discount_K[:kk]).sum(1)
             ideal_u = ideal_K[(num_targets_u.clamp_max(kk) - 1).long()]

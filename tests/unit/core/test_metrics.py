@@ -44,6 +44,8 @@ def test_hand_worked_single_user():
         ks=(2, 4),
     )
     assert m["recall@2"] == pytest.approx(1 / 2)
+    # Capped recall: 1 hit out of min(2, 2 targets) = 1/2; recall@1 below differs.
+    assert m["recall_capped@2"] == pytest.approx(1 / 2)
     assert m["hit_rate@2"] == 1.0
     # DCG@2 = 1/log2(3) (hit at rank 2); IDCG@2 = 1 + 1/log2(3) (2 targets): 0.630930 / 1.630930.
     assert m["ndcg@2"] == pytest.approx(0.3868528, abs=1e-6)
@@ -56,6 +58,19 @@ def test_hand_worked_single_user():
     assert m["mrr"] == pytest.approx(1 / 2)
     assert m["coverage@2"] == pytest.approx(2 / 5)
     assert m["eval_users"] == 1.0
+
+
+def test_capped_recall_divides_by_what_top_k_can_hold():
+    # Scores 4, 3, 2, 1; targets items 0, 1, 3. Top 1 = (0): recall 1/3, capped 1/min(1, 3) = 1.
+    # Top 2 = (0, 1): recall 2/3, capped 2/2. Top 4: all 3 targets, both 1.
+    user, items = one_dim_items([4.0, 3.0, 2.0, 1.0])
+    eval_indptr, eval_items = csr([[0, 1, 3]])
+    m = retrieval_metrics(
+        user, items, similarity="dot", eval_indptr=eval_indptr, eval_items=eval_items, ks=(1, 2, 4)
+    )
+    assert m["recall@1"] == pytest.approx(1 / 3) and m["recall_capped@1"] == 1.0
+    assert m["recall@2"] == pytest.approx(2 / 3) and m["recall_capped@2"] == 1.0
+    assert m["recall@4"] == 1.0 and m["recall_capped@4"] == 1.0
 
 
 def test_mrr_is_over_the_full_catalog_not_cut_at_k():
@@ -95,6 +110,7 @@ def test_no_eval_users_gives_zeros():
     m = retrieval_metrics(user, items, similarity="dot", eval_indptr=[0, 0], eval_items=[], ks=(1,))
     assert m == {
         "recall@1": 0.0,
+        "recall_capped@1": 0.0,
         "hit_rate@1": 0.0,
         "ndcg@1": 0.0,
         "mrr": 0.0,
@@ -123,7 +139,7 @@ def test_k_beyond_the_catalog_and_fully_excluded_tail():
 
 def naive_metrics(user, items, sim_name, eval_lists, exclude_lists, ks):
     scores = similarity(sim_name).matrix(user, items)  # the full [U, I] matrix, fine when tiny
-    sums = {f"{n}@{k}": 0.0 for k in ks for n in ("recall", "hit_rate", "ndcg")}
+    sums = {f"{n}@{k}": 0.0 for k in ks for n in ("recall", "recall_capped", "hit_rate", "ndcg")}
     sums["mrr"] = 0.0
     covered = {k: set() for k in ks}
     users = 0
@@ -145,6 +161,7 @@ def naive_metrics(user, items, sim_name, eval_lists, exclude_lists, ks):
             covered[k].update(top)
             hits = [1.0 if i in targets else 0.0 for i in top]
             sums[f"recall@{k}"] += sum(hits) / len(targets)
+            sums[f"recall_capped@{k}"] += sum(hits) / min(k, len(targets))
             sums[f"hit_rate@{k}"] += float(sum(hits) > 0)
             dcg = sum(h / math.log2(r + 2) for r, h in enumerate(hits))
             idcg = sum(1 / math.log2(r + 2) for r in range(min(k, len(targets))))

@@ -309,11 +309,19 @@ def cached_batches(
     table: pa.Table, batch_size: int, *, shuffle_seed: tuple[int, ...] | None
 ) -> Iterator[pa.Table]:
     """Full batches of a cached shard: a fresh permutation of every row per seed (data order
-    without one); the last partial batch is left out, as when streaming."""
+    without one); the last partial batch is left out, as when streaming.
+
+    Each shuffled batch is gathered on its own (``take`` of its slice of the permutation), so
+    the shard is never held twice: no shuffled copy of the whole table is built.
+    """
+    order = None
     if shuffle_seed is not None:
-        table = table.take(np.random.default_rng(shuffle_seed).permutation(table.num_rows))
+        order = np.random.default_rng(shuffle_seed).permutation(table.num_rows)
     for start in range(0, table.num_rows - batch_size + 1, batch_size):
-        yield table.slice(start, batch_size)
+        if order is None:
+            yield table.slice(start, batch_size)
+        else:
+            yield table.take(order[start : start + batch_size])
 
 
 def learning_rate_at(t: TrainConfig, step: int, total_steps: int) -> float:

@@ -149,6 +149,24 @@ def test_cached_batches_are_full_and_reshuffled_per_seed():
     assert len({row for b in first for row in b}) == 9
 
 
+def test_cached_batches_shuffle_without_a_second_copy_of_the_shard():
+    """A shuffled epoch gathers batch by batch: its batches are the whole-table permutation's,
+    and taking the first one allocates about a batch, not another shard."""
+    table = pa.table(
+        {"user_idx": np.arange(200_000), "neg_items": pa.array([[1, 2, 3, 4]] * 200_000)}
+    ).combine_chunks()
+    order = np.random.default_rng((0, 1, 0)).permutation(table.num_rows)
+    whole = table.take(order)
+    expected = [whole.slice(s, 1000) for s in range(0, 3000, 1000)]
+    del whole
+    batches = cached_batches(table, 1000, shuffle_seed=(0, 1, 0))
+    before = pa.total_allocated_bytes()
+    first = next(batches)
+    grew = pa.total_allocated_bytes() - before
+    assert grew < table.nbytes / 20, (grew, table.nbytes)
+    assert [first, next(batches), next(batches)] == expected
+
+
 @pytest.mark.parametrize("source_weights", [{}, {"unexposed": 0.0, "ranked_out": 3.0}])
 def test_a_step_on_the_columns_read_equals_a_step_on_all_columns(source_weights):
     """Leaving neg_sources unread changes nothing unless a source is weighted, and then it is

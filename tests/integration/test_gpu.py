@@ -1,0 +1,77 @@
+"""Training and embedding on a GPU (`--use-gpu`): NCCL, the towers and feature tables on cuda.
+
+Runs only where torch sees a CUDA device: CI has none (these skip there), and they ran on an
+H200 lent to one session (README, "Training throughput"). What they guard is what a GPU run
+can break and a CPU run cannot: tensors left on the wrong device, a checkpoint that holds cuda
+tensors and so fails to load on a CPU-only embed cluster, GPU and CPU towers that disagree.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from jobs import build_dataset, embed, train
+from pipelines import io
+from twotower_core.config import config_from_dict, debug_config
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+@pytest.fixture(scope="module")
+def gpu_model(tmp_path_factory, ray_local, small_world):
+    root = tmp_path_factory.mktemp("gpu")
+    dataset = str(root / "dataset")
+    build_dataset.run(logs=small_world.out_dir, out=dataset, config=config_from_dict({}))
+    config = config_from_dict(
+        {},
+        overrides=[
+            *(f"{key}={value}" for key, value in _debug_overrides().items()),
+            "train.use_gpu=true",
+            "train.num_workers=1",
+            "train.epochs=3",
+            "train.batch_size=64",
+        ],
+    )
+    result = train.run(dataset=dataset, out=str(root / "model"), config=config)
+    return result, root
+
+
+def _debug_overrides() -> dict[str, str]:
+    model = debug_config().model
+    return {
+        "model.embedding_dim": str(model.embedding_dim),
+        "model.id_embedding_dim": str(model.id_embedding_dim),
+        "model.hidden_dims": f"[{','.join(map(str, model.hidden_dims))}]",
+    }
+
+
+def test_gpu_training_learns_and_publishes(gpu_model):
+    result, _ = gpu_model
+    assert io.is_complete(result.out)
+    losses = [row["train_loss"] for row in result.history]
+    assert len(losses) == 3 and np.isfinite(losses).all()
+    assert losses[-1] < losses[0]
+    assert result.best_metrics["recall@50"] > 0
+
+
+def test_gpu_and_cpu_embeddings_of_a_gpu_model_agree(gpu_model):
+    result, root = gpu_model
+    tables = {}
+    for device in ("cpu", "gpu"):
+        config = config_from_dict(
+            {}, overrides=[f"embed.use_gpu={'true' if device == 'gpu' else 'false'}"]
+        )
+        out = embed.run(model=result.out, out=str(root / f"emb-{device}"), config=config).out
+        tables[device] = {
+            side: io.read_table(io.join(out, side)).sort_by(f"{side[:-1]}_id")
+            for side in ("users", "items")
+        }
+    for side in ("users", "items"):
+        cpu, gpu = tables["cpu"][side], tables["gpu"][side]
+        assert cpu[f"{side[:-1]}_id"].equals(gpu[f"{side[:-1]}_id"])
+        cpu_ND = np.stack(cpu["embedding"].to_numpy(zero_copy_only=False))
+        gpu_ND = np.stack(gpu["embedding"].to_numpy(zero_copy_only=False))
+        np.testing.assert_allclose(gpu_ND, cpu_ND, rtol=1e-3, atol=1e-4)

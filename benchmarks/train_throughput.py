@@ -69,14 +69,16 @@ def plain_loop(dataset: str, config: Config, *, epochs: int, device: torch.devic
     rates = []
     for epoch in range(epochs):
         # The shuffle is part of an epoch's work, as the Ray job's shuffle buffer is of its.
-        started, examples = time.perf_counter(), 0
+        started, examples, loss_sum = time.perf_counter(), 0, 0.0
         shuffled = rows.take(np.random.default_rng(epoch).permutation(rows.num_rows))
         for start in range(0, rows.num_rows - batch_size + 1, batch_size):
             batch = shuffled.slice(start, batch_size)
-            _train_step(
+            loss_sum = loss_sum + _train_step(
                 pair, task, optimizer, batch_tensors(batch), config, generator, num_items, device
             )
             examples += batch.num_rows
+        # As the job does at an epoch's end: reading the loss waits for the device's last step.
+        float(loss_sum)
         rates.append(examples / (time.perf_counter() - started))
     return {"examples_per_s_by_epoch": rates}
 

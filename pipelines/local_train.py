@@ -185,7 +185,7 @@ def fit(
         result.examples += len(losses) * batch_size
         row: dict[str, Any] = {
             "epoch": epoch + 1,
-            "train_loss": float(np.mean(losses)) if losses else math.nan,
+            "train_loss": float(torch.stack(losses).mean()) if losses else math.nan,
             "train_seconds": train_seconds,
         }
         model.eval()

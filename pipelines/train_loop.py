@@ -557,7 +557,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if rank == 0 and now - last_log >= 10:
                 print(
                     f"[train] epoch {state.epoch + 1}/{t.epochs} step {state.global_step} "
-                    f"loss {loss_sum / loss_count:.4f} {examples * world_size / (now - started):.0f} examples/s",
+                    f"loss {float(loss_sum) / loss_count:.4f} {examples * world_size / (now - started):.0f} examples/s",
                     flush=True,
                 )
                 last_log = now
@@ -566,11 +566,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     {
                         "epoch": state.epoch,
                         "step": state.global_step,
-                        "train_loss": loss_sum / loss_count,
+                        "train_loss": float(loss_sum) / loss_count,
                     }
                 )
+        # Reading the loss waits for the device's last step: the epoch's time covers its work.
+        loss_total = float(loss_sum)
         elapsed = time.perf_counter() - started
-        epoch_loss = _mean_across_workers(loss_sum, loss_count)
+        epoch_loss = _mean_across_workers(loss_total, loss_count)
         row: dict[str, Any] = {
             "epoch": state.epoch + 1,
             "step": state.global_step,
@@ -657,7 +659,13 @@ def _train_step(
     generator: torch.Generator,
     num_items: int,
     device: torch.device,
-) -> float:
+) -> torch.Tensor:
+    """One optimizer step; returns the batch's loss, detached and still on ``device``.
+
+    Reading it (``float``) waits for the device to finish the step, so callers sum the tensors
+    and read the sum when they log or end an epoch: on a GPU the host then queues the next
+    steps' kernels while this one runs, instead of stalling once a step.
+    """
     user_idx, item_idx = tensors["user_idx"].to(device), tensors["item_idx"].to(device)
     neg_idx_BN = tensors["neg_item_idx"].to(device)
     neg_source_BN = tensors["neg_source"].to(device) if "neg_source" in tensors else None
@@ -696,7 +704,7 @@ def _train_step(
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    return float(loss.detach())
+    return loss.detach()
 
 
 def prefetch_batches(t) -> int:

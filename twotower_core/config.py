@@ -185,7 +185,7 @@ class TrainConfig:
     # A worker whose shard holds at most this many bytes (Arrow) keeps it in memory after its
     # first full pass, and from then on shuffles it in memory each epoch (a full shuffle of the
     # shard) instead of streaming it through Ray Data again. Every worker must fit, else all
-    # stream; a shuffle briefly holds two copies. 0 = always stream.
+    # stream. 0 = always stream.
     cache_shard_bytes: int = 1 << 30
     # Batches Ray Data fetches ahead in a background thread of each worker. None: 1 with a GPU
     # (the fetch overlaps device compute), 0 on CPU, where that thread competes with the

@@ -187,15 +187,17 @@ def test_a_step_on_the_columns_read_equals_a_step_on_all_columns(source_weights)
             build_feature_table(users, user_specs),
             build_feature_table(items, item_specs),
         )
-        return _train_step(
-            pair,
-            build_task(loss_config, item_counts=torch.arange(NUM_ITEMS, dtype=torch.float64)),
-            torch.optim.SGD(pair.parameters(), lr=0.0),
-            batch_tensors(table),
-            config,
-            torch.Generator().manual_seed(0),
-            NUM_ITEMS,
-            torch.device("cpu"),
+        return float(
+            _train_step(
+                pair,
+                build_task(loss_config, item_counts=torch.arange(NUM_ITEMS, dtype=torch.float64)),
+                torch.optim.SGD(pair.parameters(), lr=0.0),
+                batch_tensors(table),
+                config,
+                torch.Generator().manual_seed(0),
+                NUM_ITEMS,
+                torch.device("cpu"),
+            )
         )
 
     read = step(batch.select(train_columns(config.loss)), config.loss)
@@ -227,15 +229,17 @@ def test_every_loss_and_similarity_trains_a_few_steps(loss, sim):
     before = [p.detach().clone() for p in model.parameters()]
     rng = np.random.default_rng(1)
     losses = [
-        _train_step(
-            pair,
-            task,
-            optimizer,
-            batch_tensors(_batch(rng)),
-            config,
-            torch.Generator().manual_seed(0),
-            NUM_ITEMS,
-            torch.device("cpu"),
+        float(
+            _train_step(
+                pair,
+                task,
+                optimizer,
+                batch_tensors(_batch(rng)),
+                config,
+                torch.Generator().manual_seed(0),
+                NUM_ITEMS,
+                torch.device("cpu"),
+            )
         )
         for _ in range(3)
     ]

@@ -1,9 +1,10 @@
 """Training and embedding on a GPU (`--use-gpu`): NCCL, the towers and feature tables on cuda.
 
 Runs only where torch sees a CUDA device: CI has none (these skip there), and they ran on an
-H200 lent to one session (README, "Training throughput"). What they guard is what a GPU run
-can break and a CPU run cannot: tensors left on the wrong device, a checkpoint that holds cuda
-tensors and so fails to load on a CPU-only embed cluster, GPU and CPU towers that disagree.
+H200 lent to one session (README, Benchmarks: "train throughput on a GPU"). What they guard is
+what a GPU run can break and a CPU run cannot: tensors left on the wrong device, a checkpoint
+that holds cuda tensors and so fails to load on a CPU-only embed cluster, GPU and CPU towers
+that disagree.
 """
 
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 
 from jobs import build_dataset, embed, train
 from pipelines import io
-from twotower_core.config import config_from_dict, debug_config
+from twotower_core.config import DEBUG_PRESET, config_from_dict
 
 pytestmark = [
     pytest.mark.integration,
@@ -25,27 +26,12 @@ def gpu_model(tmp_path_factory, ray_local, small_world):
     root = tmp_path_factory.mktemp("gpu")
     dataset = str(root / "dataset")
     build_dataset.run(logs=small_world.out_dir, out=dataset, config=config_from_dict({}))
-    config = config_from_dict(
-        {},
-        overrides=[
-            *(f"{key}={value}" for key, value in _debug_overrides().items()),
-            "train.use_gpu=true",
-            "train.num_workers=1",
-            "train.epochs=3",
-            "train.batch_size=64",
-        ],
-    )
+    # The debug preset's small towers; one worker on the one GPU.
+    model = {k: DEBUG_PRESET["model"][k] for k in ("embedding_dim", "id_embedding_dim", "hidden_dims")}
+    train_settings = {"use_gpu": True, "num_workers": 1, "epochs": 3, "batch_size": 64}
+    config = config_from_dict({"model": model, "train": train_settings})
     result = train.run(dataset=dataset, out=str(root / "model"), config=config)
     return result, root
-
-
-def _debug_overrides() -> dict[str, str]:
-    model = debug_config().model
-    return {
-        "model.embedding_dim": str(model.embedding_dim),
-        "model.id_embedding_dim": str(model.id_embedding_dim),
-        "model.hidden_dims": f"[{','.join(map(str, model.hidden_dims))}]",
-    }
 
 
 def test_gpu_training_learns_and_publishes(gpu_model):

@@ -751,8 +751,8 @@ def fit_in_process(
     from pipelines.train_loop import embed_all
 
     def evaluate(model, user_table, item_table) -> dict[str, float]:
-        user_UD = embed_all(model.user_tower, user_table, np.arange(user_table.num_rows))
-        item_ID = embed_all(model.item_tower, item_table, np.arange(item_table.num_rows))
+        user_UD = embed_all(model.user_tower, user_table, np.arange(user_table.num_rows)).cpu()
+        item_ID = embed_all(model.item_tower, item_table, np.arange(item_table.num_rows)).cpu()
         return evaluate_vectors(
             user_UD, item_ID, validation, num_users=ml.num_users,
             similarity=config.loss.similarity, ks=ks,

@@ -114,6 +114,15 @@ def feature_specs(dataset: str, config: Config):
     return user_specs, item_specs
 
 
+def _device(config: Config) -> torch.device:
+    """``cuda`` with ``train.use_gpu`` (refused when torch sees no CUDA device), else ``cpu``."""
+    if not config.train.use_gpu:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError("train.use_gpu is set but torch sees no CUDA device on this machine")
+    return torch.device("cuda")
+
+
 def fit(
     dataset: str,
     config: Config,
@@ -128,7 +137,8 @@ def fit(
 
     Args:
         dataset: a Contract 2 dataset dir (features, vocab counts; train rows unless ``rows``).
-        config: model, loss and train settings; ``train.torch_threads`` (default 1) threads.
+        config: model, loss and train settings; ``train.torch_threads`` (default 1) threads;
+            ``train.use_gpu``: model and feature tables on the (first) CUDA device.
         rows: the train rows to use instead of the dataset's (e.g. with some negatives dropped).
         evaluate: scores the model after every epoch; its metrics go into the history row.
         metric: with ``evaluate`` and ``patience``: stop after ``patience`` epochs without a
@@ -151,7 +161,13 @@ def fit(
         user_specs=user_specs,
         item_specs=item_specs,
     )
+    device = _device(config)
+    # On the device before the optimizer exists, as in the Ray job.
+    model.to(device)
+    user_table, item_table = user_table.to(device), item_table.to(device)
     history = load_history_codes(dataset, user_specs, config)
+    if history is not None:
+        history = (history[0], history[1].to(device))
     pair = TowerPair(model, user_table, item_table, history, config.model.history_dropout)
     task = build_task(
         config.loss,
@@ -165,7 +181,6 @@ def fit(
     generator = torch.Generator().manual_seed(t.seed)
     result = LocalFit(model, user_table, item_table, num_users, num_items)
     best, since_best = -math.inf, 0
-    device = torch.device("cpu")
     total_steps = t.epochs * (rows.num_rows // batch_size)
     for epoch in range(t.epochs):
         started = time.perf_counter()

@@ -61,3 +61,21 @@ def test_gpu_and_cpu_embeddings_of_a_gpu_model_agree(gpu_model):
         cpu_ND = np.stack(cpu["embedding"].to_numpy(zero_copy_only=False))
         gpu_ND = np.stack(gpu["embedding"].to_numpy(zero_copy_only=False))
         np.testing.assert_allclose(gpu_ND, cpu_ND, rtol=1e-3, atol=1e-4)
+
+
+def test_in_process_training_on_the_gpu_matches_the_cpu(tmp_path_factory, small_world, ray_local):
+    """``pipelines.local_train`` (tuning and study runs) with ``train.use_gpu``: the same steps
+    as on the CPU, so the same losses up to float reordering."""
+    from pipelines import local_train
+
+    dataset = str(tmp_path_factory.mktemp("gpu-local") / "dataset")
+    build_dataset.run(logs=small_world.out_dir, out=dataset, config=config_from_dict({}))
+    losses = {}
+    for use_gpu in (False, True):
+        config = config_from_dict(
+            {"train": {"use_gpu": use_gpu, "num_workers": 1, "epochs": 2, "batch_size": 64}}
+        )
+        fitted = local_train.fit(dataset, config)
+        assert next(fitted.model.parameters()).is_cuda == use_gpu
+        losses[use_gpu] = [row["train_loss"] for row in fitted.history]
+    np.testing.assert_allclose(losses[True], losses[False], rtol=1e-3)

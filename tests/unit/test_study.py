@@ -452,3 +452,13 @@ def test_mask_user_positives_reads_the_train_pairs_and_changes_training(tiny_dat
     loss_off = local_train.fit(tiny_dataset, off).history[0]["train_loss"]
     loss_on = local_train.fit(tiny_dataset, on).history[0]["train_loss"]
     assert loss_on < loss_off
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_in_process_training_on_a_gpu_is_refused_without_cuda(tiny_dataset):
+    from pipelines import local_train
+    from twotower_core.config import config_from_dict
+
+    config = config_from_dict({}, overrides=["train.epochs=1", "train.use_gpu=true"])
+    with pytest.raises(ValueError, match="train.use_gpu"):
+        local_train.fit(tiny_dataset, config)

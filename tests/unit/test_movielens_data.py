@@ -158,10 +158,19 @@ def test_random_fraction_split_sizes_and_seed():
     assert pairs(split_random_fraction(reordered, seed=0).held_out) == pairs(split.held_out)
 
 
-def test_validation_is_carved_from_train_only(ml):
-    test, validation = holdout_splits(ml, PROTOCOLS["p1"])
+@pytest.mark.parametrize("name", ["p1", "p2"])
+def test_validation_is_carved_from_train_only(ml, name):
+    test, validation = holdout_splits(ml, PROTOCOLS[name])
     assert sorted(pairs(validation.train) + pairs(validation.held_out)) == pairs(test.train)
     assert set(pairs(validation.held_out)).isdisjoint(pairs(test.held_out))
+
+
+def test_p2_validation_holds_out_a_tenth_of_each_users_train_rows(ml):
+    test, validation = holdout_splits(ml, PROTOCOLS["p2"])
+    train = test.train.group_by("user_idx").len()
+    held = dict(validation.held_out.group_by("user_idx").len().iter_rows())
+    for user, size in train.iter_rows():
+        assert held.get(user, 0) == num_held_out(size, 0.1)
 
 
 def test_sample_unexposed_avoids_train_items_and_follows_popularity():

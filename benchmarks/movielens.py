@@ -44,6 +44,7 @@ vocab/ with train counts, features/.
     python -m benchmarks.movielens                          # all models, p1 and p2, seeds 0 1 2
     python -m benchmarks.movielens --models ease ials --protocols p1
     python -m benchmarks.movielens --tune --protocols p1 --candidate dim128 model.embedding_dim=128
+    # the in-process tuning engine trains on a GPU with the override train.use_gpu=true
 
 Prints a table (mean ± std over seeds), writes benchmarks/results/movielens.{json,png}.
 """

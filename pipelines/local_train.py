@@ -165,9 +165,7 @@ def fit(
     # On the device before the optimizer exists, as in the Ray job.
     model.to(device)
     user_table, item_table = user_table.to(device), item_table.to(device)
-    history = load_history_codes(dataset, user_specs, config)
-    if history is not None:
-        history = (history[0], history[1].to(device))
+    history = load_history_codes(dataset, user_specs, config, device)
     pair = TowerPair(model, user_table, item_table, history, config.model.history_dropout)
     task = build_task(
         config.loss,

@@ -112,16 +112,21 @@ def without_targets(bag_BL: torch.Tensor, target_code_B: torch.Tensor) -> torch.
 
 
 def load_history_codes(
-    dataset_dir: str, user_specs: list[FeatureSpec], config: Config
+    dataset_dir: str,
+    user_specs: list[FeatureSpec],
+    config: Config,
+    device: torch.device | None = None,
 ) -> tuple[str, torch.Tensor] | None:
-    """(feature, [I] code of each item in it) for ``model.user_history_feature``, or None."""
+    """(feature, [I] code of each item in it, on ``device``) for ``model.user_history_feature``,
+    or None."""
     from pipelines.features import history_codes
 
     feature = config.model.user_history_feature
     if feature is None:
         return None
     item_ids = io.read_table(io.join(dataset_dir, "vocab", "items.parquet"), columns=["item_id"])
-    return feature, torch.from_numpy(history_codes(user_specs, feature, item_ids["item_id"]))
+    codes_I = torch.from_numpy(history_codes(user_specs, feature, item_ids["item_id"]))
+    return feature, codes_I.to(device) if device is not None else codes_I
 
 
 def load_user_positives(dataset_dir: str, config: Config, num_items: int) -> UserPositives | None:
@@ -483,9 +488,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             )
 
     user_table, item_table = user_table.to(device), item_table.to(device)
-    history = load_history_codes(dataset_dir, user_specs, config)
-    if history is not None:
-        history = (history[0], history[1].to(device))
+    history = load_history_codes(dataset_dir, user_specs, config, device)
     pair = TowerPair(model, user_table, item_table, history, config.model.history_dropout)
     pair = ray.train.torch.prepare_model(pair)
     eval_data = (

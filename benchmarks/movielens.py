@@ -26,8 +26,9 @@ Protocols (only users with >= 2 ratings hold anything out; every ML-100K user ha
 
 Tuning never sees the test split: the protocol applied to TRAIN carves a validation split (p1:
 each user's last train rating; p2: a random 10% of each user's train ratings, seed 1, so that
-the validation model trains on 72% of the ratings, near the test model's 80%). EASE's λ and iALS's factors / regularization / alpha are chosen on it
-(by NDCG at the protocol's cut-off) and refit on the whole train split. The two-tower configs in
+the validation model trains on 72% of the ratings, near the test model's 80%). EASE's λ and
+iALS's factors / regularization / alpha are chosen on it (by NDCG at the protocol's cut-off)
+and refit on the whole train split. The two-tower configs in
 ``benchmarks/configs/ml100k_{p1,p2}.yaml`` were chosen on the validation split with ``--tune``,
 which also fixes their epoch count; the final runs train exactly that many epochs on the whole
 train split and publish the last epoch (``train.early_stopping_metric: epoch``), so the test
@@ -396,8 +397,8 @@ PROTOCOLS: dict[str, Protocol] = {
         # 10% of each user's train rows (seed 1): the validation model trains on 72% of the
         # ratings, near the test model's 80%. Carving 20% (64%) misranked configs: there the
         # two-tower led EASE by 0.001-0.004 NDCG@20 on three carves, while with 10% carves it
-        # trails by 0.009, as on test (0.015); bigger towers and smaller batches only pay off
-        # with the larger train split (movielens_tuning.json, note_2026-12-04_stop21).
+        # trails by 0.009, as on test (0.015); smaller batches pay off only with the larger
+        # train split (movielens_tuning.json, note_2026-12-04_stop21).
         validation_split=lambda frame: split_random_fraction(frame, fraction=0.1, seed=1),
     ),
 }

@@ -1,7 +1,8 @@
 """Training and embedding on a GPU (`--use-gpu`): NCCL, the towers and feature tables on cuda.
 
-Runs only where torch sees a CUDA device: CI has none (these skip there), and they ran on an
-H200 lent to one session (README, Benchmarks: "train throughput on a GPU"). What they guard is
+Runs only where torch sees a CUDA device: CI has none (these skip there). The Ray job's two
+ran on an H200 lent to one session (README, Benchmarks: "train throughput on a GPU"); the
+in-process one was added in a session without a GPU and has not run on one yet. What they guard is
 what a GPU run can break and a CPU run cannot: tensors left on the wrong device, a checkpoint
 that holds cuda tensors and so fails to load on a CPU-only embed cluster, GPU and CPU towers
 that disagree.

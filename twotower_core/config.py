@@ -121,6 +121,11 @@ class LossConfig:
     scale: float = 1.0
     # Subtract log q(item) from logits (listwise losses), q from the dataset's click counts.
     logq_correction: bool = True
+    # The in-batch correction takes q(j) ∝ (c_j + 1)^logq_exponent. 1 is the columns' true
+    # frequency: the scores learn log p(item | user). Above 1 over-corrects, so the scores keep
+    # (exponent − 1) · log p(item) of popularity (logit adjustment, Menon et al. 2021); below 1,
+    # less. Catalog samples are corrected by their own sampler_alpha.
+    logq_exponent: float = 1.0
     # Mask in-batch columns holding the same item as the row's positive.
     accidental_hit_masking: bool = True
     # Also mask any negative (in-batch column, catalog sample, data negative) that is another of
@@ -451,6 +456,7 @@ def validate(config: Config) -> None:
     _require(loss.scale > 0, "loss.scale", "must be > 0")
     _require(loss.num_sampled_negatives >= 0, "loss.num_sampled_negatives", "must be >= 0")
     _require(loss.sampler_alpha >= 0, "loss.sampler_alpha", "must be >= 0")
+    _require(loss.logq_exponent >= 0, "loss.logq_exponent", "must be >= 0")
     _require(
         loss.hard_negative_top_k is None or loss.hard_negative_top_k >= 1,
         "loss.hard_negative_top_k",

@@ -354,7 +354,7 @@ def build_task(
     if item_counts is not None:
         counts = torch.as_tensor(item_counts)
         sampler = CatalogSampler(counts, alpha=loss_config.sampler_alpha)
-        click_log_p = log_q_from_counts(counts, 1.0).to(torch.float32)
+        click_log_p = log_q_from_counts(counts, loss_config.logq_exponent).to(torch.float32)
     return RetrievalTask(
         config=loss_config,
         similarity=sim,

@@ -67,6 +67,12 @@ def test_train_evaluation_settings_are_checked(train, message):
         assert config_from_dict({"train": settings}).train.early_stopping_metric == metric
 
 
+def test_negative_logq_exponent_is_refused():
+    with pytest.raises(ConfigError, match=r"loss\.logq_exponent.*>= 0"):
+        config_from_dict({"loss": {"logq_exponent": -0.5}})
+    assert config_from_dict({"loss": {"logq_exponent": 1.2}}).loss.logq_exponent == 1.2
+
+
 def test_shuffle_batch_must_be_positive():
     with pytest.raises(ConfigError, match=r"dataset\.shuffle_batch_mb.*>= 1"):
         config_from_dict({"dataset": {"shuffle_batch_mb": 0}})

@@ -87,14 +87,20 @@ def test_in_batch_softmax_is_the_loss_with_batch_logq_and_masking():
     assert run(off, inputs).item() == pytest.approx(plain.item(), rel=1e-9)
 
 
-def test_in_batch_softmax_mixes_sampled_and_data_negatives_with_their_logq():
+# loss.logq_exponent reshapes the in-batch columns' q only; samples keep their sampler's alpha.
+@pytest.mark.parametrize("exponent", [1.0, 1.3])
+def test_in_batch_softmax_mixes_sampled_and_data_negatives_with_their_logq(exponent):
     config = LossConfig(
-        name="in_batch_softmax", temperature=0.5, num_sampled_negatives=S, sampler_alpha=0.5
+        name="in_batch_softmax",
+        temperature=0.5,
+        num_sampled_negatives=S,
+        sampler_alpha=0.5,
+        logq_exponent=exponent,
     )
     inputs = batch(1)
     _, matrix, data, sampled = dot_parts(inputs)
     ids = inputs["pos_item_idx_B"]
-    in_batch_log_q = log_q_from_counts(COUNTS, 1.0)[ids] + math.log(B)  # log(B·p)
+    in_batch_log_q = log_q_from_counts(COUNTS, exponent)[ids] + math.log(B)  # log(B·p)
     sampled_log_q = log_q_from_counts(COUNTS, 0.5)[inputs["sampled_item_idx_S"]] + math.log(
         S
     )  # log(S·q)

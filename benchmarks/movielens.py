@@ -549,9 +549,10 @@ def write_dataset(
 ) -> dict[str, Any]:
     """Write ``split`` as a Contract 2 dataset dir (train/ shuffled with ``seed``); its manifest.
 
-    features/users.parquet also gets ``history``: the item ids of the user's train rows (a bag;
-    a model that should not see it sets ``model.user_feature_kinds.history: ignore``; with
-    ``model.user_history_feature: history`` training takes each row's own target out of it).
+    features/users.parquet also gets ``history``: the item ids of the user's train rows, oldest
+    first (a bag; a model that should not see it sets ``model.user_feature_kinds.history:
+    ignore``; with ``model.user_history_feature: history`` training takes each row's own target
+    out of it, or with ``model.causal_history`` everything from the target on).
     """
     from pipelines import io
     from pipelines.contracts import (
@@ -656,11 +657,14 @@ def write_dataset(
 
 
 def user_features(ml: MovieLens, split: Split) -> pl.DataFrame:
-    """The users table plus ``history``: sorted item ids of each user's train rows."""
+    """The users table plus ``history``: the item ids of each user's train rows in time order,
+    oldest first (by timestamp, then line in ml-100k.inter), as ``model.causal_history`` needs.
+    ML-100K has one rating per (user, item), so no id repeats."""
     history = (
         split.train.join(ml.items.select("item_idx", "item_id"), on="item_idx")
-        .group_by("user_idx")
-        .agg(pl.col("item_id").unique().sort().alias("history"))
+        .sort("user_idx", "ts", "line")
+        .group_by("user_idx", maintain_order=True)
+        .agg(pl.col("item_id").alias("history"))
     )
     return (
         ml.users.join(history, on="user_idx", how="left")

@@ -166,7 +166,14 @@ def fit(
     model.to(device)
     user_table, item_table = user_table.to(device), item_table.to(device)
     history = load_history_codes(dataset, user_specs, config, device)
-    pair = TowerPair(model, user_table, item_table, history, config.model.history_dropout)
+    pair = TowerPair(
+        model,
+        user_table,
+        item_table,
+        history,
+        config.model.history_dropout,
+        causal=config.model.causal_history,
+    )
     task = build_task(
         config.loss,
         item_counts=counts,

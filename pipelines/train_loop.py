@@ -67,7 +67,8 @@ class TowerPair(nn.Module):
     Feature tables are plain tensors looked up by index, not parameters or buffers: DDP
     never broadcasts them. With ``history`` (``model.user_history_feature``: the bag feature's
     name and the [I] code of each item in it), each row's target item is taken out of its
-    user's bag, and in train mode each other value is dropped with ``history_dropout``.
+    user's bag (with ``causal``, the bag is cut at the target: only the values before it stay),
+    and in train mode each other value is dropped with ``history_dropout``.
     """
 
     def __init__(
@@ -77,6 +78,7 @@ class TowerPair(nn.Module):
         item_features: FeatureTable,
         history: tuple[str, torch.Tensor] | None = None,
         history_dropout: float = 0.0,
+        causal: bool = False,
     ):
         super().__init__()
         self.model = model
@@ -84,6 +86,7 @@ class TowerPair(nn.Module):
         self.item_features = item_features
         self.history = history
         self.history_dropout = history_dropout
+        self.causal = causal
 
     def forward(
         self,
@@ -94,9 +97,8 @@ class TowerPair(nn.Module):
         user_features = self.user_features.lookup(user_idx_B)
         if self.history is not None and target_item_idx_B is not None:
             name, codes_I = self.history
-            bag_BL = without_targets(
-                user_features[name], codes_I[target_item_idx_B.to(codes_I.device)]
-            )
+            cut = before_targets if self.causal else without_targets
+            bag_BL = cut(user_features[name], codes_I[target_item_idx_B.to(codes_I.device)])
             if self.training and self.history_dropout > 0:
                 dropped_BL = torch.rand(bag_BL.shape, device=bag_BL.device) < self.history_dropout
                 bag_BL = bag_BL.masked_fill(dropped_BL, 0)
@@ -109,6 +111,19 @@ class TowerPair(nn.Module):
 def without_targets(bag_BL: torch.Tensor, target_code_B: torch.Tensor) -> torch.Tensor:
     """[B, L] bag codes with each row's target code set to 0 (padding); code 0 stays 0."""
     return bag_BL.masked_fill(bag_BL == target_code_B[:, None], 0)
+
+
+def before_targets(bag_BL: torch.Tensor, target_code_B: torch.Tensor) -> torch.Tensor:
+    """[B, L] time-ordered bag codes with each row's target and every value after it set to 0.
+
+    A row whose target is not in its bag (or has code 0, no code) keeps the whole bag.
+    """
+    hit_BL = (bag_BL == target_code_B[:, None]) & (target_code_B[:, None] != 0)
+    length = bag_BL.shape[1]
+    # First position of the target, or L where it is absent.
+    cut_B = torch.where(hit_BL.any(dim=1), hit_BL.to(torch.int8).argmax(dim=1), length)
+    positions_L = torch.arange(length, device=bag_BL.device)
+    return bag_BL.masked_fill(positions_L[None, :] >= cut_B[:, None], 0)
 
 
 def load_history_codes(
@@ -489,7 +504,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     user_table, item_table = user_table.to(device), item_table.to(device)
     history = load_history_codes(dataset_dir, user_specs, config, device)
-    pair = TowerPair(model, user_table, item_table, history, config.model.history_dropout)
+    pair = TowerPair(
+        model,
+        user_table,
+        item_table,
+        history,
+        config.model.history_dropout,
+        causal=config.model.causal_history,
+    )
     pair = ray.train.torch.prepare_model(pair)
     eval_data = (
         load_eval_data(dataset_dir, max_users=t.eval_max_users, seed=t.seed) if rank == 0 else None

@@ -108,6 +108,11 @@ class ModelConfig:
     # In training, each value of the history bag is dropped with this probability (a denoising
     # input dropout, as in Mult-DAE); the embed job always reads the whole bag.
     history_dropout: float = 0.0
+    # The history bag is in time order, oldest first, and each training row keeps only the
+    # values before its target: the items its user had before it, as when serving the next item
+    # after the whole history (YouTube-DNN's "predict the next watch", not a held-out one).
+    # Off: the row keeps every value but its target.
+    causal_history: bool = False
 
 
 @dataclass(frozen=True)
@@ -435,6 +440,11 @@ def validate(config: Config) -> None:
     _require(
         m.history_dropout == 0.0 or m.user_history_feature is not None,
         "model.history_dropout",
+        "needs model.user_history_feature",
+    )
+    _require(
+        not m.causal_history or m.user_history_feature is not None,
+        "model.causal_history",
         "needs model.user_history_feature",
     )
     history = m.user_history_feature

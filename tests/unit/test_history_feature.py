@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pipelines.features import build_feature_table, history_codes, infer_feature_specs
-from pipelines.train_loop import TowerPair, without_targets
+from pipelines.train_loop import TowerPair, before_targets, without_targets
 from twotower_core.config import ConfigError, config_from_dict
 from twotower_core.towers import build_two_tower
 
@@ -53,6 +53,7 @@ def _pair(**model):
         build_feature_table(items, []),
         ("history", torch.from_numpy(codes)),
         config.model.history_dropout,
+        causal=config.model.causal_history,
     )
     return pair, user_specs
 
@@ -91,6 +92,38 @@ def test_without_targets_drops_only_the_rows_own_target():
         [2, 3, 4],
         [0, 0, 2],
     ]
+
+
+def test_before_targets_keeps_only_the_values_before_the_rows_target():
+    bag_BL = torch.tensor([[5, 3, 7, 0], [2, 3, 4, 1], [1, 1, 2, 0], [4, 6, 0, 0]])
+    # targets: 7 (third), 2 (first: nothing before it), 1 (first of two), 0 (no code: whole bag)
+    assert before_targets(bag_BL, torch.tensor([7, 2, 1, 0])).tolist() == [
+        [5, 3, 0, 0],
+        [0, 0, 0, 0],
+        [0, 0, 0, 0],
+        [4, 6, 0, 0],
+    ]
+    # a target absent from the bag keeps the whole bag
+    assert before_targets(bag_BL[:1], torch.tensor([9])).tolist() == [[5, 3, 7, 0]]
+
+
+def test_a_causal_row_sees_only_the_items_before_its_target():
+    pair, _ = _pair(causal_history=True)
+    pair.eval()
+    # User 1's bag, oldest first: 501, 502, 503 (item_idx 1, 2, 3).
+    users = torch.tensor([1, 1, 1])
+    rows, _ = pair(users, torch.tensor([0]), torch.tensor([3, 2, 1]))
+    def alone(codes):
+        tables = pair.user_features.lookup(torch.tensor([1]))
+        tables["history"] = torch.tensor([codes])
+        return pair.model.user_tower(torch.tensor([1]), tables)[0]
+    bag = pair.user_features.lookup(torch.tensor([1]))["history"][0].tolist()
+    assert torch.allclose(rows[0], alone([bag[0], bag[1], 0]))  # before 503: 501, 502
+    assert torch.allclose(rows[1], alone([bag[0], 0, 0]))  # before 502: 501
+    assert torch.allclose(rows[2], alone([0, 0, 0]))  # 501 is the first: an empty bag
+    # Serving (no target) reads the whole bag.
+    whole, _ = pair(torch.tensor([1]), torch.tensor([0]))
+    assert torch.allclose(whole[0], alone(bag))
 
 
 def test_a_training_row_sees_its_users_bag_without_its_target():
@@ -138,6 +171,7 @@ def test_history_only_user_tower_has_no_id_rows_and_items_keep_theirs():
     "model, message",
     [
         ({"history_dropout": 0.2}, r"model\.history_dropout: needs model\.user_history_feature"),
+        ({"causal_history": True}, r"model\.causal_history: needs model\.user_history_feature"),
         ({"user_history_feature": "h", "history_dropout": 1.0}, r"model\.history_dropout: must"),
         (
             {"user_history_feature": "h", "user_feature_kinds": {"h": "ignore"}},

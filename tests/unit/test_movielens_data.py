@@ -8,6 +8,7 @@ import polars as pl
 import pytest
 
 from benchmarks.movielens import (
+    COLUMNS,
     PROTOCOLS,
     Split,
     evaluate_vectors,
@@ -19,6 +20,7 @@ from benchmarks.movielens import (
     sample_unexposed,
     split_leave_last_out,
     split_random_fraction,
+    user_features,
     with_overrides,
     write_dataset,
 )
@@ -227,6 +229,14 @@ def test_write_dataset_is_a_valid_contract2_dir(ml, tmp_path):
     assert users["history"] == [[10, 20, 40], [10, 30], [20]]
     eval_rows = io.read_table(io.join(out, "eval")).to_pydict()
     assert sorted(zip(eval_rows["user_idx"], eval_rows["item_idx"])) == [(0, 2), (1, 3)]
+
+
+def test_history_is_in_time_order_oldest_first(ml):
+    # All of user 1's ratings: 10 at 100 s, 20 at 200 s, then 40 and 30 both at 300 s, 40 first
+    # in the file. Time order, not id order: model.causal_history cuts the bag at the target.
+    whole = Split(train=ml.ratings.select(COLUMNS), held_out=ml.ratings.select(COLUMNS).clear())
+    history = user_features(ml, whole)["history"].to_list()
+    assert history == [[10, 20, 40, 30], [10, 30, 40], [20]]
 
 
 def test_write_dataset_same_seed_same_rows(ml, tmp_path):

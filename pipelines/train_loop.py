@@ -116,7 +116,8 @@ def without_targets(bag_BL: torch.Tensor, target_code_B: torch.Tensor) -> torch.
 def before_targets(bag_BL: torch.Tensor, target_code_B: torch.Tensor) -> torch.Tensor:
     """[B, L] time-ordered bag codes with each row's target and every value after it set to 0.
 
-    A row whose target is not in its bag (or has code 0, no code) keeps the whole bag.
+    The cut is at the target's first occurrence (a repeated item sees the past of its first
+    time). A row whose target is not in its bag (or has code 0, no code) keeps the whole bag.
     """
     hit_BL = (bag_BL == target_code_B[:, None]) & (target_code_B[:, None] != 0)
     length = bag_BL.shape[1]

@@ -122,7 +122,7 @@ def before_targets(bag_BL: torch.Tensor, target_code_B: torch.Tensor) -> torch.T
     hit_BL = (bag_BL == target_code_B[:, None]) & (target_code_B[:, None] != 0)
     length = bag_BL.shape[1]
     # First position of the target, or L where it is absent.
-    cut_B = torch.where(hit_BL.any(dim=1), hit_BL.to(torch.int8).argmax(dim=1), length)
+    cut_B = torch.where(hit_BL.any(dim=1), hit_BL.int().argmax(dim=1), length)
     positions_L = torch.arange(length, device=bag_BL.device)
     return bag_BL.masked_fill(positions_L[None, :] >= cut_B[:, None], 0)
 

@@ -166,14 +166,7 @@ def fit(
     model.to(device)
     user_table, item_table = user_table.to(device), item_table.to(device)
     history = load_history_codes(dataset, user_specs, config, device)
-    pair = TowerPair(
-        model,
-        user_table,
-        item_table,
-        history,
-        config.model.history_dropout,
-        causal=config.model.causal_history,
-    )
+    pair = TowerPair.for_model_config(model, user_table, item_table, history, config.model)
     task = build_task(
         config.loss,
         item_counts=counts,

@@ -35,6 +35,7 @@ from twotower_core.config import (
     NEGATIVE_SOURCES,
     Config,
     LossConfig,
+    ModelConfig,
     TrainConfig,
     config_from_dict,
 )
@@ -87,6 +88,25 @@ class TowerPair(nn.Module):
         self.history = history
         self.history_dropout = history_dropout
         self.causal = causal
+
+    @classmethod
+    def for_model_config(
+        cls,
+        model: TwoTowerModel,
+        user_features: FeatureTable,
+        item_features: FeatureTable,
+        history: tuple[str, torch.Tensor] | None,
+        config: ModelConfig,
+    ) -> TowerPair:
+        """The pair with ``model.history_dropout`` and ``model.causal_history`` applied."""
+        return cls(
+            model,
+            user_features,
+            item_features,
+            history,
+            config.history_dropout,
+            causal=config.causal_history,
+        )
 
     def forward(
         self,
@@ -505,14 +525,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     user_table, item_table = user_table.to(device), item_table.to(device)
     history = load_history_codes(dataset_dir, user_specs, config, device)
-    pair = TowerPair(
-        model,
-        user_table,
-        item_table,
-        history,
-        config.model.history_dropout,
-        causal=config.model.causal_history,
-    )
+    pair = TowerPair.for_model_config(model, user_table, item_table, history, config.model)
     pair = ray.train.torch.prepare_model(pair)
     eval_data = (
         load_eval_data(dataset_dir, max_users=t.eval_max_users, seed=t.seed) if rank == 0 else None

@@ -47,13 +47,12 @@ def _pair(**model):
     )
     items = pa.table({"item_idx": np.arange(len(ITEM_IDS)), "item_id": ITEM_IDS})
     codes = history_codes(user_specs, "history", pa.chunked_array([ITEM_IDS]))
-    pair = TowerPair(
+    pair = TowerPair.for_model_config(
         model_,
         build_feature_table(users, user_specs),
         build_feature_table(items, []),
         ("history", torch.from_numpy(codes)),
-        config.model.history_dropout,
-        causal=config.model.causal_history,
+        config.model,
     )
     return pair, user_specs
 

@@ -112,10 +112,12 @@ def test_a_causal_row_sees_only_the_items_before_its_target():
     # User 1's bag, oldest first: 501, 502, 503 (item_idx 1, 2, 3).
     users = torch.tensor([1, 1, 1])
     rows, _ = pair(users, torch.tensor([0]), torch.tensor([3, 2, 1]))
+
     def alone(codes):
         tables = pair.user_features.lookup(torch.tensor([1]))
         tables["history"] = torch.tensor([codes])
         return pair.model.user_tower(torch.tensor([1]), tables)[0]
+
     bag = pair.user_features.lookup(torch.tensor([1]))["history"][0].tolist()
     assert torch.allclose(rows[0], alone([bag[0], bag[1], 0]))  # before 503: 501, 502
     assert torch.allclose(rows[1], alone([bag[0], 0, 0]))  # before 502: 501

@@ -140,7 +140,7 @@ def run(
                 io.join(staging, side),
                 side=side,
                 id_type=id_types[side],
-                dim=model_config.model.embedding_dim,
+                dim=model_config.model.output_dim,
                 expected_rows=expected[side],
             )
             for side in sources

@@ -217,7 +217,7 @@ class EmbedBatch:
             vocab[self.id_column].combine_chunks(), num_oov_buckets=tower.num_oov_buckets
         )
         self.normalize = normalize_for_serving(loaded.config.loss.similarity)
-        self.dim = loaded.config.model.embedding_dim
+        self.dim = loaded.config.model.output_dim
 
     @torch.no_grad()
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -510,7 +510,7 @@ def build_manifest(
     """Contract 4 ``manifest.json``: what a consumer needs to build the right index."""
     similarity = config.loss.similarity
     return {
-        "dim": config.model.embedding_dim,
+        "dim": config.model.output_dim,
         "similarity": similarity,
         # Unit vectors: cosine is served as inner product on them; model.normalize makes the
         # towers emit them for any similarity.

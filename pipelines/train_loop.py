@@ -43,7 +43,7 @@ from twotower_core.features import FeatureSpec, FeatureTable
 from twotower_core.metrics import retrieval_metrics
 from twotower_core.negatives import UserPositives
 from twotower_core.task import build_task
-from twotower_core.towers import TwoTowerModel, build_two_tower
+from twotower_core.towers import TwoTowerModel, build_two_tower, member_chunks
 
 STATE_FILE = "train_state.pt"
 TRAIN_COLUMNS = ["user_idx", "item_idx", "neg_item_idxs", "neg_sources"]
@@ -729,21 +729,42 @@ def _train_step(
         )
         offset += batch_size * num_negatives
     sampled_SD = item_MD[offset:] if sampled_idx_S is not None else None
-    loss = task(
-        user_BD,
-        pos_BD,
-        pos_item_idx_B=item_idx,
-        neg_item_BND=neg_BND,
-        neg_item_idx_BN=neg_idx_BN if use_data else None,
-        neg_source_BN=neg_source_BN if use_data else None,
-        sampled_item_SD=sampled_SD,
-        sampled_item_idx_S=sampled_idx_S,
-        user_idx_B=user_idx,
-    )
+    # One loss per ensemble member, on its own slice of the embeddings (K = 1: the whole
+    # embedding); their mean is the step's loss, so each member trains as if alone.
+    members, normalized = config.model.ensemble_members, config.model.normalize
+    losses = [
+        task(
+            member_user_BD,
+            member_pos_BD,
+            pos_item_idx_B=item_idx,
+            neg_item_BND=member_neg_BND,
+            neg_item_idx_BN=neg_idx_BN if use_data else None,
+            neg_source_BN=neg_source_BN if use_data else None,
+            sampled_item_SD=member_sampled_SD,
+            sampled_item_idx_S=sampled_idx_S,
+            user_idx_B=user_idx,
+        )
+        for member_user_BD, member_pos_BD, member_neg_BND, member_sampled_SD in zip(
+            member_chunks(user_BD, members, normalized=normalized),
+            member_chunks(pos_BD, members, normalized=normalized),
+            _optional_chunks(neg_BND, members, normalized),
+            _optional_chunks(sampled_SD, members, normalized),
+        )
+    ]
+    loss = losses[0] if members == 1 else torch.stack(losses).mean()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
     return loss.detach()
+
+
+def _optional_chunks(
+    embedding_XD: torch.Tensor | None, num_members: int, normalized: bool
+) -> tuple[torch.Tensor | None, ...]:
+    """``member_chunks``, or K Nones for an absent tensor."""
+    if embedding_XD is None:
+        return (None,) * num_members
+    return member_chunks(embedding_XD, num_members, normalized=normalized)
 
 
 def prefetch_batches(t) -> int:

@@ -113,6 +113,16 @@ class ModelConfig:
     # after the whole history (YouTube-DNN's "predict the next watch", not a held-out one).
     # Off: the row keeps every value but its target.
     causal_history: bool = False
+    # K > 1: each side is K towers trained side by side, each with its own loss, and their
+    # embeddings concatenated (K · embedding_dim wide): with dot similarity a score is the sum of
+    # the K models' scores, a deep ensemble (Lakshminarayanan et al. 2017) served as one model.
+    # K times the training compute and the embedding width.
+    ensemble_members: int = 1
+
+    @property
+    def output_dim(self) -> int:
+        """Width of the embeddings the towers write: ``embedding_dim × ensemble_members``."""
+        return self.embedding_dim * self.ensemble_members
 
 
 @dataclass(frozen=True)
@@ -422,7 +432,13 @@ def validate(config: Config) -> None:
     )
 
     m = config.model
-    for name in ("embedding_dim", "id_embedding_dim", "feature_embedding_dim", "num_oov_buckets"):
+    for name in (
+        "embedding_dim",
+        "id_embedding_dim",
+        "feature_embedding_dim",
+        "num_oov_buckets",
+        "ensemble_members",
+    ):
         _require(getattr(m, name) >= 1, f"model.{name}", "must be >= 1")
     _require(all(h >= 1 for h in m.hidden_dims), "model.hidden_dims", "every size must be >= 1")
     _require(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
@@ -467,6 +483,14 @@ def validate(config: Config) -> None:
     _require(loss.num_sampled_negatives >= 0, "loss.num_sampled_negatives", "must be >= 0")
     _require(loss.sampler_alpha >= 0, "loss.sampler_alpha", "must be >= 0")
     _require(loss.logq_exponent >= 0, "loss.logq_exponent", "must be >= 0")
+    _require(
+        m.ensemble_members == 1
+        or loss.similarity == "dot"
+        or (loss.similarity == "cosine" and m.normalize),
+        "model.ensemble_members",
+        "needs loss.similarity=dot (or cosine with model.normalize): only then do the "
+        "concatenated embeddings score the sum (or mean) of the members' scores",
+    )
     _require(
         loss.hard_negative_top_k is None or loss.hard_negative_top_k >= 1,
         "loss.hard_negative_top_k",

@@ -126,10 +126,65 @@ class Tower(nn.Module):
         return F.normalize(embedding, dim=-1) if self.normalize else embedding
 
 
+class EnsembleTower(nn.Module):
+    """K towers of one entity kind side by side (``model.ensemble_members``):
+    ``forward(ids_B, features) -> [B, K·D]``, the members' embeddings concatenated.
+
+    Each member has its own ID rows, feature embeddings and MLP, initialised apart; training
+    gives each member its own loss (``member_chunks``), so the members are K independent models
+    that see the same batches. With dot similarity the concatenated embeddings score the sum of
+    the members' scores, so serving and ANN search need nothing new. With ``model.normalize``
+    each member is unit-norm and the concatenation is scaled by 1/√K: unit norm again, and its
+    cosine is the members' mean cosine.
+    """
+
+    def __init__(self, members: Sequence[Tower]) -> None:
+        super().__init__()
+        if len(members) < 2:
+            raise ValueError(f"an ensemble needs at least 2 member towers, got {len(members)}")
+        first = members[0]
+        self.members = nn.ModuleList(members)
+        self.num_ids = first.num_ids
+        self.num_oov_buckets = first.num_oov_buckets
+        self.normalize = first.normalize
+        self.specs = first.specs
+        self.member_dim = first.output_dim
+        self.output_dim = first.output_dim * len(members)
+
+    def forward(self, ids_B: Tensor, features: Mapping[str, Tensor] | None = None) -> Tensor:
+        # K x [B, D] -> [B, K·D]
+        embedding = torch.cat([member(ids_B, features) for member in self.members], dim=1)
+        return embedding / len(self.members) ** 0.5 if self.normalize else embedding
+
+
+def tower_members(tower: nn.Module) -> list[tuple[str, Tower]]:
+    """(state-dict key infix, member) of each plain tower inside ``tower``: ``("", tower)`` for
+    a ``Tower``, ``(".members.k", member k)`` for an ``EnsembleTower``."""
+    if isinstance(tower, EnsembleTower):
+        return [(f".members.{k}", member) for k, member in enumerate(tower.members)]
+    return [("", tower)]
+
+
+def member_chunks(
+    embedding_XD: Tensor, num_members: int, *, normalized: bool = False
+) -> tuple[Tensor, ...]:
+    """The K members' [..., D] parts of ``[..., K·D]`` embeddings (one tensor for K = 1).
+
+    ``normalized`` (``model.normalize``): each part is put back to unit norm (the ensemble
+    scaled it by 1/√K), so a member's loss sees exactly that member's embedding.
+    """
+    if num_members == 1:
+        return (embedding_XD,)
+    chunks = embedding_XD.chunk(num_members, dim=-1)
+    if not normalized:
+        return chunks
+    return tuple(chunk * num_members**0.5 for chunk in chunks)
+
+
 class TwoTowerModel(nn.Module):
     """A user tower and an item tower with the same output dim. Returns embeddings only."""
 
-    def __init__(self, user_tower: Tower, item_tower: Tower) -> None:
+    def __init__(self, user_tower: nn.Module, item_tower: nn.Module) -> None:
         super().__init__()
         if user_tower.output_dim != item_tower.output_dim:
             raise ValueError(
@@ -163,10 +218,19 @@ def build_two_tower(
     user_specs: Sequence[FeatureSpec] = (),
     item_specs: Sequence[FeatureSpec] = (),
 ) -> TwoTowerModel:
-    user_tower = Tower(
-        num_users, user_specs, config, use_ids=config.use_ids and config.user_id_embedding
+    """Towers per ``config``; with ``model.ensemble_members`` K > 1, each side is an
+    ``EnsembleTower`` of K towers."""
+
+    def side(num_ids: int, specs: Sequence[FeatureSpec], use_ids: bool) -> nn.Module:
+        members = [
+            Tower(num_ids, specs, config, use_ids=use_ids) for _ in range(config.ensemble_members)
+        ]
+        return members[0] if len(members) == 1 else EnsembleTower(members)
+
+    return TwoTowerModel(
+        side(num_users, user_specs, config.use_ids and config.user_id_embedding),
+        side(num_items, item_specs, config.use_ids),
     )
-    return TwoTowerModel(user_tower, Tower(num_items, item_specs, config))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,10 +277,14 @@ def remap_id_rows(
     state = new_model.state_dict()
     report = WarmStartReport()
     handled: set[str] = set()
-    towers = (
-        ("user_tower", new_model.user_tower, user_index_map, old_user_specs),
-        ("item_tower", new_model.item_tower, item_index_map, old_item_specs),
-    )
+    towers = [
+        (side + infix, member, index_map, old_specs)
+        for side, tower, index_map, old_specs in (
+            ("user_tower", new_model.user_tower, user_index_map, old_user_specs),
+            ("item_tower", new_model.item_tower, item_index_map, old_item_specs),
+        )
+        for infix, member in tower_members(tower)
+    ]
     for prefix, tower, index_map, old_specs in towers:
         key = f"{prefix}.id_embedding.weight"
         if tower.id_embedding is not None:

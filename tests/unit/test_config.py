@@ -73,6 +73,32 @@ def test_negative_logq_exponent_is_refused():
     assert config_from_dict({"loss": {"logq_exponent": 1.2}}).loss.logq_exponent == 1.2
 
 
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"model": {"ensemble_members": 0}}, r"model\.ensemble_members: must be >= 1"),
+        (
+            {"model": {"ensemble_members": 2}, "loss": {"similarity": "euclidean"}},
+            r"model\.ensemble_members: needs loss\.similarity=dot",
+        ),
+        (
+            {"model": {"ensemble_members": 2}, "loss": {"similarity": "cosine"}},
+            r"model\.ensemble_members: needs loss\.similarity=dot \(or cosine with model",
+        ),
+    ],
+)
+def test_ensemble_members_are_checked(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(settings)
+
+
+def test_an_ensemble_writes_members_times_embedding_dim():
+    config = config_from_dict({"model": {"ensemble_members": 3, "embedding_dim": 32}})
+    assert config.model.output_dim == 96
+    cosine = {"ensemble_members": 2, "normalize": True}
+    assert config_from_dict({"model": cosine, "loss": {"similarity": "cosine"}}).model.output_dim
+
+
 def test_shuffle_batch_must_be_positive():
     with pytest.raises(ConfigError, match=r"dataset\.shuffle_batch_mb.*>= 1"):
         config_from_dict({"dataset": {"shuffle_batch_mb": 0}})

@@ -377,6 +377,32 @@ def test_manifest(similarity, normalize, metric, normalized):
     assert {"model", "dataset", "created_at"} <= set(manifest)
 
 
+def test_an_ensemble_model_embeds_and_declares_its_full_width(world):
+    """``model.ensemble_members`` 2: the published model loads back as two members a side,
+    each side's vectors are the members' concatenated (2 × 32 wide), and the manifest says so."""
+    dataset, root = world
+    config = config_from_dict(
+        config_to_dict(model_config("dot")), overrides=["model.ensemble_members=2"]
+    )
+    model_dir = write_model_dir(root / "model_ensemble", dataset, config=config)
+    loaded = load_model(model_dir)
+    table = features_table(dataset, "items")
+    got = EmbedBatch(model_dir, "items")(table)
+    assert got.schema.equals(output_schema("items", table.schema.field("item_id").type, 64))
+    tower_members = loaded.model.item_tower.members
+    features = build_feature_table(table, loaded.item_specs)
+    expected_ND = torch.cat(
+        [embed_all(member, features, np.arange(table.num_rows)) for member in tower_members], 1
+    )
+    np.testing.assert_allclose(
+        from_embedding_array(got["embedding"], 64), expected_ND.numpy(), rtol=1e-5, atol=1e-6
+    )
+    manifest = build_manifest(
+        config, counts={"users": 1, "items": 1}, id_types={}, model="m", dataset="d"
+    )
+    assert manifest["dim"] == 64
+
+
 def write_row_groups(path, table: pa.Table, row_group_rows: int) -> str:
     import pyarrow.parquet as pq
 

@@ -333,3 +333,72 @@ def test_set_learning_rate_reaches_every_parameter_group():
     optimizer = torch.optim.Adam([{"params": [a]}, {"params": [b], "lr": 0.5}], lr=0.1)
     set_learning_rate(optimizer, 0.02)
     assert [group["lr"] for group in optimizer.param_groups] == [0.02, 0.02]
+
+
+@pytest.mark.parametrize(
+    "loss, sim, normalize",
+    [("in_batch_softmax", "dot", False), ("sampled_softmax", "dot", False), ("bpr", "cosine", True)],
+)
+def test_an_ensemble_step_trains_each_member_on_its_own_loss(loss, sim, normalize):
+    """With ``model.ensemble_members`` K = 2 the step's loss is the mean of the members' losses,
+    each member's gradient is 1/K of what it gets trained alone, and the concatenated
+    embeddings score the sum (dot) or mean (cosine, unit members) of the members' scores."""
+    settings = {
+        "loss": {"name": loss, "similarity": sim, "num_sampled_negatives": 4},
+        "model": {"embedding_dim": 8, "id_embedding_dim": 8, "hidden_dims": [16]},
+    }
+    settings["model"]["normalize"] = normalize
+    ensemble_config = config_from_dict(
+        {**settings, "model": {**settings["model"], "ensemble_members": 2}}
+    )
+    single_config = config_from_dict(settings)
+    ensemble, (users, user_specs), (items, item_specs) = _model(ensemble_config)
+    assert ensemble.user_tower.output_dim == ensemble.item_tower.output_dim == 16
+    batch = batch_tensors(_batch(np.random.default_rng(4)))
+    counts = torch.arange(NUM_ITEMS, dtype=torch.float64)
+
+    def step(model, config):
+        pair = TowerPair(
+            model, build_feature_table(users, user_specs), build_feature_table(items, item_specs)
+        )
+        loss = _train_step(
+            pair,
+            build_task(config.loss, item_counts=counts),
+            torch.optim.SGD(model.parameters(), lr=0.0),
+            batch,
+            config,
+            torch.Generator().manual_seed(0),
+            NUM_ITEMS,
+            torch.device("cpu"),
+        )
+        return float(loss), pair
+
+    ensemble_loss, ensemble_pair = step(ensemble, ensemble_config)
+    member_losses, member_scores = [], []
+    for k in range(2):
+        single, _, _ = _model(single_config)
+        prefix = f".members.{k}."
+        single.load_state_dict(
+            {
+                key.replace(prefix, "."): value
+                for key, value in ensemble.state_dict().items()
+                if prefix in key
+            }
+        )
+        member_loss, pair = step(single, single_config)
+        member_losses.append(member_loss)
+        for side in ("user_tower", "item_tower"):
+            alone = dict(getattr(single, side).named_parameters())
+            together = dict(getattr(ensemble, side).members[k].named_parameters())
+            for name, param in alone.items():
+                assert torch.allclose(together[name].grad, param.grad / 2, atol=1e-6), (
+                    f"member {k} {side}.{name}"
+                )
+        with torch.no_grad():
+            user_BD, item_BD = pair(batch["user_idx"], batch["item_idx"])
+        member_scores.append(user_BD @ item_BD.T)
+    assert ensemble_loss == pytest.approx(sum(member_losses) / 2, rel=1e-5)
+    with torch.no_grad():
+        user_BD, item_BD = ensemble_pair(batch["user_idx"], batch["item_idx"])
+    expected = sum(member_scores) / (2 if normalize else 1)
+    torch.testing.assert_close(user_BD @ item_BD.T, expected, atol=1e-5, rtol=1e-5)

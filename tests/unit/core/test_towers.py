@@ -10,7 +10,14 @@ from torch import nn
 
 from twotower_core.config import ModelConfig
 from twotower_core.features import FeatureSpec
-from twotower_core.towers import Tower, TwoTowerModel, build_two_tower, remap_id_rows
+from twotower_core.towers import (
+    EnsembleTower,
+    Tower,
+    TwoTowerModel,
+    build_two_tower,
+    member_chunks,
+    remap_id_rows,
+)
 
 CONFIG = ModelConfig(
     embedding_dim=6,
@@ -171,3 +178,59 @@ def test_remap_rejects_bad_maps():
             user_index_map=torch.tensor([0, 3]),
             item_index_map=torch.tensor([0, 1]),
         )
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_an_ensemble_concatenates_independently_initialised_members(normalize):
+    config = dataclasses.replace(CONFIG, ensemble_members=3, normalize=normalize)
+    torch.manual_seed(0)
+    model = build_two_tower(config, num_users=5, num_items=7, item_specs=ITEM_SPECS)
+    assert config.output_dim == 18
+    assert isinstance(model.item_tower, EnsembleTower) and len(model.item_tower.members) == 3
+    assert model.user_tower.output_dim == model.item_tower.output_dim == 18
+    users, items = model(torch.arange(4), {}, torch.arange(6), item_features(6))
+    assert users.shape == (4, 18) and items.shape == (6, 18)
+    first, second = (m.id_embedding.weight for m in model.item_tower.members[:2])
+    assert not torch.equal(first, second), "members start from different rows"
+    members = [m(torch.arange(6), item_features(6)) for m in model.item_tower.members]
+    scale = 3**-0.5 if normalize else 1.0
+    torch.testing.assert_close(items, torch.cat(members, dim=1) * scale)
+    if normalize:  # unit norm again, and each member's part back to unit norm
+        torch.testing.assert_close(items.norm(dim=1), torch.ones(6))
+        for chunk in member_chunks(items, 3, normalized=True):
+            torch.testing.assert_close(chunk.norm(dim=1), torch.ones(6))
+    else:  # a dot score is the sum of the members' dot scores
+        torch.testing.assert_close(
+            users @ items.T,
+            sum(u @ i.T for u, i in zip(member_chunks(users, 3), member_chunks(items, 3))),
+        )
+
+
+def test_remap_id_rows_maps_each_ensemble_members_rows():
+    config = dataclasses.replace(CONFIG, ensemble_members=2)
+    torch.manual_seed(0)
+    old = build_two_tower(config, num_users=3, num_items=4, item_specs=ITEM_SPECS)
+    torch.manual_seed(1)
+    new = build_two_tower(config, num_users=2, num_items=4, item_specs=ITEM_SPECS)
+    fresh = new.user_tower.members[1].id_embedding.weight[1].clone()
+    report = remap_id_rows(
+        new,
+        old.state_dict(),
+        user_index_map=torch.tensor([2, -1]),
+        item_index_map=torch.arange(4),
+        old_item_specs=ITEM_SPECS,
+    )
+    for k in range(2):
+        new_rows = new.user_tower.members[k].id_embedding.weight
+        old_rows = old.user_tower.members[k].id_embedding.weight
+        assert torch.equal(new_rows[0], old_rows[2]), f"member {k}"
+    assert torch.equal(new.user_tower.members[1].id_embedding.weight[1], fresh)
+    assert torch.equal(
+        new.item_tower.members[1].mlp[0].weight, old.item_tower.members[1].mlp[0].weight
+    )
+    assert report.kept_rows == {
+        "user_tower.members.0": 1,
+        "user_tower.members.1": 1,
+        "item_tower.members.0": 4,
+        "item_tower.members.1": 4,
+    }

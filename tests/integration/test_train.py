@@ -196,11 +196,18 @@ def test_a_shard_over_the_cache_limit_streams_every_epoch(dataset, tmp_path):
     assert metrics["epochs"][1]["learning_rate"] == pytest.approx(0.5 * 3e-3)
 
 
+@pytest.mark.parametrize("members", [1, 2])
 def test_warm_start_keeps_known_rows_adds_new_drops_removed(
-    small_world, dataset, tmp_path, ray_local
+    small_world, dataset, tmp_path, ray_local, members
 ):
+    """With ``model.ensemble_members`` 2 (DDP over both members' losses), each member keeps
+    its own rows."""
+    model = {"ensemble_members": members}
     config = config_from_dict(
-        {"train": {"epochs": 1, "batch_size": 128, "num_workers": 2, "cpus_per_worker": 0.5}}
+        {
+            "model": model,
+            "train": {"epochs": 1, "batch_size": 128, "num_workers": 2, "cpus_per_worker": 0.5},
+        }
     )
     old_model = str(tmp_path / "old")
     train.run(dataset=dataset, out=old_model, config=config)
@@ -216,18 +223,27 @@ def test_warm_start_keeps_known_rows_adds_new_drops_removed(
     )
     # A vanishing learning rate: after one epoch the weights are still the warm-started ones.
     frozen = config_from_dict(
-        {"train": {"epochs": 1, "batch_size": 128, "learning_rate": 1e-12, "optimizer": "sgd"}}
+        {
+            "model": model,
+            "train": {"epochs": 1, "batch_size": 128, "learning_rate": 1e-12, "optimizer": "sgd"},
+        }
     )
     new_model = str(tmp_path / "new")
     result = train.run(dataset=new_dataset, out=new_model, config=frozen, init_from=old_model)
     assert result.best_epoch == 1
 
+    towers = ["item_tower"] if members == 1 else [f"item_tower.members.{k}" for k in range(members)]
+
     def item_rows(model_dir):
+        """{item id: the ID rows of every member, side by side}."""
         state = io.load_torch(io.join(model_dir, CHECKPOINT_DIR, MODEL_FILE))["state_dict"]
         ids = io.read_table(io.join(model_dir, CHECKPOINT_DIR, VOCAB_DIR, "items.parquet"))[
             "item_id"
         ].to_pylist()
-        return dict(zip(ids, state["item_tower.id_embedding.weight"].numpy()))
+        rows = np.concatenate(
+            [state[f"{tower}.id_embedding.weight"].numpy() for tower in towers], axis=1
+        )
+        return dict(zip(ids, rows))
 
     old_rows, new_rows = item_rows(old_model), item_rows(new_model)
     assert not set(dropped) & set(new_rows), "removed ids are dropped"
@@ -243,6 +259,7 @@ def test_warm_start_keeps_known_rows_adds_new_drops_removed(
     warm = io.read_json(io.join(new_model, "metrics.json"))
     assert warm["init_from"] == old_model
     # The warm-start report is kept with the model.
-    assert warm["warm_start"]["kept_rows"]["item_tower"] == len(known)
-    assert warm["warm_start"]["new_rows"]["item_tower"] == len(new_ids)
+    for tower in towers:
+        assert warm["warm_start"]["kept_rows"][tower] == len(known)
+        assert warm["warm_start"]["new_rows"][tower] == len(new_ids)
     assert io.read_json(io.join(old_model, "metrics.json"))["warm_start"] is None

@@ -148,7 +148,6 @@ class EnsembleTower(nn.Module):
         self.num_oov_buckets = first.num_oov_buckets
         self.normalize = first.normalize
         self.specs = first.specs
-        self.member_dim = first.output_dim
         self.output_dim = first.output_dim * len(members)
 
     def forward(self, ids_B: Tensor, features: Mapping[str, Tensor] | None = None) -> Tensor:

@@ -234,3 +234,23 @@ def test_remap_id_rows_maps_each_ensemble_members_rows():
         "item_tower.members.0": 4,
         "item_tower.members.1": 4,
     }
+
+
+def test_a_change_of_ensemble_members_warm_starts_nothing_and_says_so():
+    single = build_two_tower(CONFIG, num_users=3, num_items=4, item_specs=ITEM_SPECS)
+    pair = build_two_tower(
+        dataclasses.replace(CONFIG, ensemble_members=2),
+        num_users=3,
+        num_items=4,
+        item_specs=ITEM_SPECS,
+    )
+    report = remap_id_rows(
+        pair,
+        single.state_dict(),
+        user_index_map=torch.arange(3),
+        item_index_map=torch.arange(4),
+        old_item_specs=ITEM_SPECS,
+    )
+    assert report.copied == []
+    assert sorted(report.fresh) == sorted(pair.state_dict())
+    assert set(report.kept_rows.values()) == {0}

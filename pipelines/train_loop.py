@@ -747,8 +747,8 @@ def _train_step(
         for member_user_BD, member_pos_BD, member_neg_BND, member_sampled_SD in zip(
             member_chunks(user_BD, members, normalized=normalized),
             member_chunks(pos_BD, members, normalized=normalized),
-            _optional_chunks(neg_BND, members, normalized),
-            _optional_chunks(sampled_SD, members, normalized),
+            _optional_chunks(neg_BND, members, normalized=normalized),
+            _optional_chunks(sampled_SD, members, normalized=normalized),
         )
     ]
     loss = losses[0] if members == 1 else torch.stack(losses).mean()
@@ -759,7 +759,7 @@ def _train_step(
 
 
 def _optional_chunks(
-    embedding_XD: torch.Tensor | None, num_members: int, normalized: bool
+    embedding_XD: torch.Tensor | None, num_members: int, *, normalized: bool
 ) -> tuple[torch.Tensor | None, ...]:
     """``member_chunks``, or K Nones for an absent tensor."""
     if embedding_XD is None:

@@ -345,9 +345,13 @@ def test_an_ensemble_step_trains_each_member_on_its_own_loss(loss, sim, normaliz
     embeddings score the sum (dot) or mean (cosine, unit members) of the members' scores."""
     settings = {
         "loss": {"name": loss, "similarity": sim, "num_sampled_negatives": 4},
-        "model": {"embedding_dim": 8, "id_embedding_dim": 8, "hidden_dims": [16]},
+        "model": {
+            "embedding_dim": 8,
+            "id_embedding_dim": 8,
+            "hidden_dims": [16],
+            "normalize": normalize,
+        },
     }
-    settings["model"]["normalize"] = normalize
     ensemble_config = config_from_dict(
         {**settings, "model": {**settings["model"], "ensemble_members": 2}}
     )

@@ -80,7 +80,7 @@ from benchmarks.baselines import (
     most_popular_vectors,
 )
 from twotower_core.config import Config, config_from_dict, config_to_dict
-from twotower_core.metrics import retrieval_metrics
+from twotower_core.metrics import per_user_metrics, retrieval_metrics
 
 RESULTS = Path(__file__).parent / "results"
 CONFIGS = Path(__file__).parent / "configs"
@@ -91,6 +91,9 @@ ML100K_FILES: tuple[str, ...] = ("ml-100k.inter", "ml-100k.item", "ml-100k.user"
 ZIP_PREFIX_LENGTH = 1
 MODELS: tuple[str, ...] = ("mostpop", "ease", "ials", "two_tower")
 MODEL_LABELS = {"mostpop": "MostPop", "ease": "EASE", "ials": "iALS", "two_tower": "two-tower"}
+# Paired comparisons against EASE: percentile bootstrap over the test users.
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_SEED = 0
 EASE_L2_GRID: tuple[float, ...] = (50.0, 100.0, 200.0, 300.0, 500.0, 800.0, 1200.0, 2000.0)
 IALS_GRID: tuple[IALSParams, ...] = tuple(
     IALSParams(factors=factors, regularization=regularization, alpha=alpha)
@@ -431,6 +434,37 @@ def evaluate_vectors(
     ks: Sequence[int],
 ) -> dict[str, float]:
     """``retrieval_metrics`` of per-index vectors on ``split.held_out``, excluding train items."""
+    return retrieval_metrics(
+        torch.as_tensor(user_UD),
+        torch.as_tensor(item_ID),
+        similarity=similarity,
+        ks=tuple(ks),
+        **_targets_and_exclusions(split, num_users),
+    )
+
+
+def evaluate_vectors_per_user(
+    user_UD: np.ndarray | torch.Tensor,
+    item_ID: np.ndarray | torch.Tensor,
+    split: Split,
+    *,
+    num_users: int,
+    similarity: str = "dot",
+    ks: Sequence[int],
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """``per_user_metrics`` of the same evaluation: ([E] user indices, {metric: [E] values})."""
+    users_E, values = per_user_metrics(
+        torch.as_tensor(user_UD),
+        torch.as_tensor(item_ID),
+        similarity=similarity,
+        ks=tuple(ks),
+        **_targets_and_exclusions(split, num_users),
+    )
+    return users_E.numpy(), {key: value.numpy() for key, value in values.items()}
+
+
+def _targets_and_exclusions(split: Split, num_users: int) -> dict[str, np.ndarray]:
+    """CSR held-out items (targets) and train items (excluded) of every user index."""
     from pipelines.train_loop import to_csr
 
     user_ids = np.arange(num_users)
@@ -441,16 +475,46 @@ def evaluate_vectors(
     exclude_indptr, exclude_items = to_csr(
         train["user_idx"].to_numpy(), train["item_idx"].to_numpy(), user_ids
     )
-    return retrieval_metrics(
-        torch.as_tensor(user_UD),
-        torch.as_tensor(item_ID),
-        similarity=similarity,
-        eval_indptr=eval_indptr,
-        eval_items=eval_items,
-        exclude_indptr=exclude_indptr,
-        exclude_items=exclude_items,
-        ks=tuple(ks),
-    )
+    return {
+        "eval_indptr": eval_indptr,
+        "eval_items": eval_items,
+        "exclude_indptr": exclude_indptr,
+        "exclude_items": exclude_items,
+    }
+
+
+def paired_difference(
+    model_SE: np.ndarray,
+    baseline_E: np.ndarray,
+    *,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+) -> dict[str, Any]:
+    """Mean over users of (model − baseline) with a 95% percentile bootstrap interval.
+
+    ``model_SE`` holds one row of per-user values per training seed; each user's value is first
+    averaged over the seeds, then users are resampled with replacement (``resamples`` times,
+    ``seed``), so the interval is the uncertainty of the comparison from which users were
+    tested, the larger part at this size; the seed spread is reported beside it.
+    """
+    model_SE = np.atleast_2d(np.asarray(model_SE, dtype=np.float64))
+    baseline_E = np.asarray(baseline_E, dtype=np.float64)
+    if model_SE.shape[1] != baseline_E.shape[0] or baseline_E.shape[0] == 0:
+        raise ValueError(
+            f"paired users differ: model {model_SE.shape[1]}, baseline {baseline_E.shape[0]}"
+        )
+    diff_E = model_SE.mean(axis=0) - baseline_E
+    rng = np.random.default_rng(seed)
+    draws_RE = rng.integers(0, diff_E.shape[0], size=(resamples, diff_E.shape[0]))
+    means_R = diff_E[draws_RE].mean(axis=1)
+    low, high = np.quantile(means_R, [0.025, 0.975])
+    return {
+        "difference": float(diff_E.mean()),
+        "ci95": [float(low), float(high)],
+        "users": int(diff_E.shape[0]),
+        "users_better": int((diff_E > 0).sum()),
+        "users_worse": int((diff_E < 0).sum()),
+    }
 
 
 def train_matrix(split: Split, ml: MovieLens):
@@ -817,7 +881,16 @@ def run_protocol(
     }
     train_UI = train_matrix(test, ml)
 
-    def score(user_UD, item_ID, similarity: str = "dot") -> dict[str, float]:
+    # model -> one {metric: [E] per-user value} per seed, for the paired comparison with EASE.
+    per_user: dict[str, list[dict[str, np.ndarray]]] = {}
+    eval_users: list[np.ndarray] = []
+
+    def score(model: str, user_UD, item_ID, similarity: str = "dot") -> dict[str, float]:
+        users_E, values = evaluate_vectors_per_user(
+            user_UD, item_ID, test, num_users=ml.num_users, similarity=similarity, ks=proto.ks
+        )
+        eval_users.append(users_E)
+        per_user.setdefault(model, []).append({m: values[m] for m in proto.headline})
         return evaluate_vectors(
             user_UD, item_ID, test, num_users=ml.num_users, similarity=similarity, ks=proto.ks
         )
@@ -827,19 +900,21 @@ def run_protocol(
         per_seed: list[dict[str, float]] = []
         details: dict[str, Any] = {}
         if model == "mostpop":
-            metrics = score(*most_popular_vectors(train_UI))
+            metrics = score(model, *most_popular_vectors(train_UI))
             per_seed = [metrics for _ in seeds]
         elif model == "ease":
             l2, rows = tune_ease(ml, validation, proto)
             out["tuning"]["ease"] = rows
             details["l2"] = l2
-            metrics = score(*ease_vectors(train_UI, l2=l2))
+            metrics = score(model, *ease_vectors(train_UI, l2=l2))
             per_seed = [metrics for _ in seeds]
         elif model == "ials":
             params, rows = tune_ials(ml, validation, proto)
             out["tuning"]["ials"] = rows
             details["params"] = params.__dict__
-            per_seed = [score(*ials_vectors(train_UI, params, seed=seed)) for seed in seeds]
+            per_seed = [
+                score(model, *ials_vectors(train_UI, params, seed=seed)) for seed in seeds
+            ]
         elif model == "two_tower":
             base = two_tower_config(proto, config_path)
             details["config"] = config_to_dict(base)
@@ -857,7 +932,7 @@ def run_protocol(
                     work_dir=os.path.join(work_dir, f"{proto.name}-seed{seed}"),
                     description={"protocol": proto.name, "split": "test", "seed": seed},
                 )
-                per_seed.append(score(user_UD, item_ID, config.loss.similarity))
+                per_seed.append(score(model, user_UD, item_ID, config.loss.similarity))
                 details["history"].append(result.history)
         else:
             raise ValueError(f"unknown model {model!r}; valid: {', '.join(MODELS)}")
@@ -874,6 +949,30 @@ def run_protocol(
             + ", ".join(f"{k} {summary[k][0]:.4f} ± {summary[k][1]:.4f}" for k in proto.headline),
             flush=True,
         )
+    if "ease" in per_user:
+        # Every model is scored on the same split, so on the same users in the same order.
+        if any(not np.array_equal(users, eval_users[0]) for users in eval_users):
+            raise RuntimeError(f"[{proto.name}] models were evaluated on different users")
+        out["paired_vs_ease"] = {
+            model: {
+                metric: paired_difference(
+                    np.stack([seed_values[metric] for seed_values in runs]),
+                    per_user["ease"][0][metric],
+                )
+                for metric in proto.headline
+            }
+            for model, runs in per_user.items()
+            if model != "ease"
+        }
+        for model, rows in out["paired_vs_ease"].items():
+            print(
+                f"[{proto.name}] {MODEL_LABELS[model]} − EASE: "
+                + ", ".join(
+                    f"{metric} {row['difference']:+.4f} [{row['ci95'][0]:+.4f}, {row['ci95'][1]:+.4f}]"
+                    for metric, row in rows.items()
+                ),
+                flush=True,
+            )
     return out
 
 
@@ -979,6 +1078,17 @@ def table(results: dict[str, Any], *, num_seeds: int) -> str:
         for model, entry in run["models"].items():
             cells = "".join(f"{plus_minus(*entry['summary'][m]):>20}" for m in proto.headline)
             lines.append(f"  {MODEL_LABELS[model]:<12}{cells}")
+        for model, rows in run.get("paired_vs_ease", {}).items():
+            cells = "".join(
+                f"{f'{r[0]:+.4f} [{r[1][0]:+.4f}, {r[1][1]:+.4f}]':>28}"
+                for r in ((rows[m]["difference"], rows[m]["ci95"]) for m in proto.headline)
+            )
+            lines.append(f"  {MODEL_LABELS[model] + ' − EASE':<18}{cells}")
+    if any("paired_vs_ease" in run for run in results.values()):
+        lines.append(
+            "  model − EASE: mean over test users of the paired difference (each user's value "
+            "averaged over seeds) [95% bootstrap interval over users]"
+        )
     return "\n".join(lines)
 
 

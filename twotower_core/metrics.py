@@ -27,7 +27,7 @@ blocks of ``item_chunk_size``, keeping a running top K per user of the block.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -99,8 +99,102 @@ def retrieval_metrics(
     Returns:
         {metric: value} plus ``mrr`` and ``eval_users`` (how many users the means are over).
     """
+    _check_ks(ks)
+    blocks = _scored_blocks(
+        user_UD, item_ID, similarity=similarity, eval_indptr=eval_indptr,
+        eval_items=eval_items, exclude_indptr=exclude_indptr, exclude_items=exclude_items, ks=ks,
+        user_chunk_size=user_chunk_size, item_chunk_size=item_chunk_size,
+    )  # fmt: skip
+    num_items = item_ID.shape[0]
+    max_k = min(max(ks), num_items)
+    sums: dict[str, float] = {}
+    count = 0
+    # best_rank_I[i] = the best rank item i reached in any user's top K (K = never).
+    best_rank_I = torch.full((num_items,), max_k, dtype=torch.long, device=user_UD.device)
+    for users_u, top_uK, per_user in blocks:
+        count += users_u.numel()
+        for key, values_u in per_user.items():
+            sums[key] = sums.get(key, 0.0) + float(values_u.sum())
+        valid_uK = top_uK >= 0
+        ranks_uK = torch.arange(max_k, device=top_uK.device).expand_as(top_uK)
+        best_rank_I.scatter_reduce_(0, top_uK[valid_uK], ranks_uK[valid_uK], reduce="amin")
+
+    metrics = {key: sums.get(key, 0.0) / count if count else 0.0 for key in _per_user_keys(ks)}
+    metrics["mrr"] = metrics.pop("reciprocal_rank")
+    for k in ks:
+        metrics[f"coverage@{k}"] = (
+            float((best_rank_I < min(k, max_k)).sum()) / max(num_items, 1) if count else 0.0
+        )
+    metrics["eval_users"] = float(count)
+    return metrics
+
+
+def per_user_metrics(
+    user_UD: Tensor,
+    item_ID: Tensor,
+    *,
+    similarity: str,
+    eval_indptr: Tensor | np.ndarray,
+    eval_items: Tensor | np.ndarray,
+    exclude_indptr: Tensor | np.ndarray | None = None,
+    exclude_items: Tensor | np.ndarray | None = None,
+    ks: Sequence[int] = (10, 50, 100),
+    user_chunk_size: int = 512,
+    item_chunk_size: int = 65536,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The per-user values whose means ``retrieval_metrics`` reports, for paired comparisons.
+
+    Same arguments as ``retrieval_metrics``. Returns ([E] indices of the evaluated users, in
+    ascending order, {metric: [E] float64}) with ``recall@k``, ``recall_capped@k``,
+    ``hit_rate@k``, ``ndcg@k`` and ``reciprocal_rank`` (whose mean is ``mrr``). Coverage is a
+    catalog-level figure and has no per-user value.
+    """
+    _check_ks(ks)
+    blocks = _scored_blocks(
+        user_UD, item_ID, similarity=similarity, eval_indptr=eval_indptr,
+        eval_items=eval_items, exclude_indptr=exclude_indptr, exclude_items=exclude_items, ks=ks,
+        user_chunk_size=user_chunk_size, item_chunk_size=item_chunk_size,
+    )  # fmt: skip
+    users: list[Tensor] = []
+    parts: dict[str, list[Tensor]] = {key: [] for key in _per_user_keys(ks)}
+    for users_u, _, per_user in blocks:
+        users.append(users_u)
+        for key, values_u in per_user.items():
+            parts[key].append(values_u)
+    device = user_UD.device
+    empty = torch.empty(0, dtype=torch.float64, device=device)
+    return (
+        torch.cat(users) if users else torch.empty(0, dtype=torch.long, device=device),
+        {key: torch.cat(values) if values else empty for key, values in parts.items()},
+    )
+
+
+def _check_ks(ks: Sequence[int]) -> None:
     if not ks or any(k < 1 for k in ks):
         raise ValueError(f"ks must be a non-empty list of cut-offs >= 1, got {list(ks)}")
+
+
+def _per_user_keys(ks: Sequence[int]) -> list[str]:
+    return [
+        f"{name}@{k}" for k in ks for name in ("recall", "recall_capped", "hit_rate", "ndcg")
+    ] + ["reciprocal_rank"]
+
+
+def _scored_blocks(
+    user_UD: Tensor,
+    item_ID: Tensor,
+    *,
+    similarity: str,
+    eval_indptr: Tensor | np.ndarray,
+    eval_items: Tensor | np.ndarray,
+    exclude_indptr: Tensor | np.ndarray | None,
+    exclude_items: Tensor | np.ndarray | None,
+    ks: Sequence[int],
+    user_chunk_size: int,
+    item_chunk_size: int,
+) -> Iterator[tuple[Tensor, Tensor, dict[str, Tensor]]]:
+    """Per block of evaluated users: ([u] user indices, [u, K] top items (−1 = none left),
+    {metric: [u] float64 per-user value}); users without a target are skipped."""
     score_matrix = get_similarity(similarity).matrix
     score_pairs = get_similarity(similarity).pairs
     device = user_UD.device
@@ -127,12 +221,6 @@ def retrieval_metrics(
 
     discount_K = 1.0 / torch.log2(torch.arange(max_k, device=device, dtype=torch.float64) + 2.0)
     ideal_K = discount_K.cumsum(0)  # ideal DCG with r+1 targets, r < K
-    sums = {
-        f"{name}@{k}": 0.0 for k in ks for name in ("recall", "recall_capped", "hit_rate", "ndcg")
-    }
-    reciprocal_rank_sum = 0.0
-    # best_rank_I[i] = the best rank item i reached in any user's top K (K = never).
-    best_rank_I = torch.full((num_items,), max_k, dtype=torch.long, device=device)
 
     for start in range(0, eval_users.numel(), user_chunk_size):
         users_u = eval_users[start : start + user_chunk_size]
@@ -152,28 +240,18 @@ def retrieval_metrics(
             torch.isin(users_u.unsqueeze(1) * num_items + top_uK, target_keys) & valid_uK
         ).to(torch.float64)
         num_targets_u = num_targets_U[users_u].to(torch.float64)
+        per_user: dict[str, Tensor] = {}
         for k in ks:
             kk = min(k, max_k)
             hits_u = hits_uK[:, :kk].sum(1)
-            sums[f"recall@{k}"] += float((hits_u / num_targets_u).sum())
-            sums[f"recall_capped@{k}"] += float((hits_u / num_targets_u.clamp_max(kk)).sum())
-            sums[f"hit_rate@{k}"] += float((hits_u > 0).sum())
+            per_user[f"recall@{k}"] = hits_u / num_targets_u
+            per_user[f"recall_capped@{k}"] = hits_u / num_targets_u.clamp_max(kk)
+            per_user[f"hit_rate@{k}"] = (hits_u > 0).to(torch.float64)
             dcg_u = (hits_uK[:, :kk] * discount_K[:kk]).sum(1)
             ideal_u = ideal_K[(num_targets_u.clamp_max(kk) - 1).long()]
-            sums[f"ndcg@{k}"] += float((dcg_u / ideal_u).sum())
-        reciprocal_rank_sum += float((1.0 / rank_u.to(torch.float64)).sum())
-        ranks_uK = torch.arange(max_k, device=device).expand_as(top_uK)
-        best_rank_I.scatter_reduce_(0, top_uK[valid_uK], ranks_uK[valid_uK], reduce="amin")
-
-    count = eval_users.numel()
-    metrics = {key: value / count if count else 0.0 for key, value in sums.items()}
-    metrics["mrr"] = reciprocal_rank_sum / count if count else 0.0
-    for k in ks:
-        metrics[f"coverage@{k}"] = (
-            float((best_rank_I < min(k, max_k)).sum()) / max(num_items, 1) if count else 0.0
-        )
-    metrics["eval_users"] = float(count)
-    return metrics
+            per_user[f"ndcg@{k}"] = dcg_u / ideal_u
+        per_user["reciprocal_rank"] = 1.0 / rank_u.to(torch.float64)
+        yield users_u, top_uK, per_user
 
 
 def _rank_user_block(

@@ -12,14 +12,18 @@ from benchmarks.movielens import (
     PROTOCOLS,
     Split,
     evaluate_vectors,
+    evaluate_vectors_per_user,
     fit_in_process,
     holdout_splits,
     load_ml100k,
     num_held_out,
+    paired_difference,
     read_atomic_file,
+    run_protocol,
     sample_unexposed,
     split_leave_last_out,
     split_random_fraction,
+    table,
     user_features,
     with_overrides,
     write_dataset,
@@ -280,3 +284,72 @@ def test_fit_in_process_trains_and_scores_validation(ml, tmp_path):
     assert [row["epoch"] for row in history] == [1, 2]
     # 6 train rows in 3 steps of 2 per epoch; the 2 users with a held-out item are scored.
     assert all(np.isfinite(row["train_loss"]) and row["eval_users"] == 2.0 for row in history)
+
+
+def test_evaluate_vectors_per_user_matches_the_means():
+    split = Split(
+        train=pl.DataFrame({"user_idx": [0], "item_idx": [0], "ts": [0], "line": [0]}),
+        held_out=pl.DataFrame(
+            {"user_idx": [0, 2], "item_idx": [1, 0], "ts": [1, 1], "line": [1, 2]}
+        ),
+    )
+    user_UD = np.array([[1.0], [1.0], [-1.0]])
+    item_ID = np.array([[3.0], [2.0], [1.0]])
+    users, values = evaluate_vectors_per_user(user_UD, item_ID, split, num_users=3, ks=(1,))
+    # User 0: item 0 excluded, item 1 first (hit). User 1: no target. User 2 ranks item 0 last.
+    assert users.tolist() == [0, 2]
+    assert values["hit_rate@1"].tolist() == [1.0, 0.0]
+    means = evaluate_vectors(user_UD, item_ID, split, num_users=3, ks=(1,))
+    assert values["ndcg@1"].mean() == means["ndcg@1"] == 0.5
+
+
+def test_paired_difference_of_identical_models_is_zero():
+    values = np.random.default_rng(0).random(50)
+    row = paired_difference(values[None, :], values)
+    assert row["difference"] == 0.0 and row["ci95"] == [0.0, 0.0]
+    assert row["users"] == 50 and row["users_better"] == row["users_worse"] == 0
+
+
+def test_paired_difference_averages_seeds_before_comparing():
+    # Two seeds that each win on one user and lose on the other tie the baseline per user.
+    row = paired_difference(np.array([[1.0, 0.0], [0.0, 1.0]]), np.array([0.5, 0.5]))
+    assert row["difference"] == 0.0 and row["users_better"] == 0
+
+
+def test_paired_difference_interval_separates_a_real_gain_from_noise():
+    rng = np.random.default_rng(1)
+    baseline = rng.random(900)
+    noise = rng.normal(0.0, 0.1, 900)
+    gain = paired_difference((baseline + 0.05 + noise)[None, :], baseline)
+    assert 0.04 < gain["difference"] < 0.06
+    assert 0.0 < gain["ci95"][0] < gain["difference"] < gain["ci95"][1]
+    level = paired_difference((baseline + noise - noise.mean())[None, :], baseline)
+    assert level["ci95"][0] < 0.0 < level["ci95"][1]
+    # The interval is reproducible (seeded) and narrows with more users.
+    assert paired_difference((baseline + noise)[None, :], baseline) == paired_difference(
+        (baseline + noise)[None, :], baseline
+    )
+    few = paired_difference((baseline + noise)[None, :100], baseline[:100])
+    assert few["ci95"][1] - few["ci95"][0] > gain["ci95"][1] - gain["ci95"][0]
+
+
+def test_paired_difference_rejects_unpaired_users():
+    with pytest.raises(ValueError, match="paired users differ: model 3, baseline 2"):
+        paired_difference(np.zeros((1, 3)), np.zeros(2))
+
+
+def test_run_protocol_compares_every_model_with_ease(ml, tmp_path):
+    out = run_protocol(ml, PROTOCOLS["p2"], models=["mostpop", "ease"], seeds=[0, 1],
+                       work_dir=str(tmp_path))  # fmt: skip
+    assert list(out["paired_vs_ease"]) == ["mostpop"]
+    rows = out["paired_vs_ease"]["mostpop"]
+    assert list(rows) == list(PROTOCOLS["p2"].headline)
+    for metric, row in rows.items():
+        expected = (
+            out["models"]["mostpop"]["summary"][metric][0]
+            - out["models"]["ease"]["summary"][metric][0]
+        )
+        assert row["difference"] == pytest.approx(expected)
+        assert row["ci95"][0] <= row["difference"] <= row["ci95"][1]
+        assert row["users"] == out["models"]["ease"]["per_seed"][0]["eval_users"]
+    assert "MostPop − EASE" in table({"p2": out}, num_seeds=2)

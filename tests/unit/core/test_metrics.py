@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from twotower_core.metrics import popularity_embeddings, retrieval_metrics
+from twotower_core.metrics import per_user_metrics, popularity_embeddings, retrieval_metrics
 from twotower_core.similarity import SIMILARITIES, similarity
 
 
@@ -259,3 +259,64 @@ def test_bad_csr_names_the_argument():
         )
     with pytest.raises(ValueError, match="unknown similarity"):
         retrieval_metrics(user, items, similarity="l1", eval_indptr=[0, 1], eval_items=[0])
+
+
+def test_per_user_values_of_a_hand_worked_case():
+    # Scores 5, 4, 3, 2, 1 for every user. User 0: train item 0 excluded, targets 2 and 4.
+    # User 1: no target (skipped). User 2: target 0, ranked first.
+    user = torch.ones(3, 1, dtype=torch.float64)
+    _, items = one_dim_items([5.0, 4.0, 3.0, 2.0, 1.0])
+    users, values = per_user_metrics(
+        user,
+        items,
+        similarity="dot",
+        eval_indptr=csr([[2, 4], [], [0]])[0],
+        eval_items=csr([[2, 4], [], [0]])[1],
+        exclude_indptr=csr([[0], [], []])[0],
+        exclude_items=csr([[0], [], []])[1],
+        ks=(2,),
+    )
+    assert users.tolist() == [0, 2]
+    # User 0 ranks 1, 2, 3, 4: item 2 at rank 2 is the one hit in the top 2.
+    assert values["recall@2"].tolist() == [0.5, 1.0]
+    assert values["hit_rate@2"].tolist() == [1.0, 1.0]
+    assert values["ndcg@2"].tolist() == pytest.approx(
+        [(1 / math.log2(3)) / (1 + 1 / math.log2(3)), 1.0]
+    )
+    assert values["reciprocal_rank"].tolist() == [0.5, 1.0]
+
+
+@settings(derandomize=True, max_examples=12, deadline=None)
+@given(
+    num_users=st.integers(1, 9),
+    num_items=st.integers(2, 23),
+    seed=st.integers(0, 10_000),
+    user_chunk=st.integers(1, 4),
+)
+def test_per_user_values_average_to_retrieval_metrics(num_users, num_items, seed, user_chunk):
+    generator = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    user = torch.randn(num_users, 3, generator=generator, dtype=torch.float64)
+    items = torch.randn(num_items, 3, generator=generator, dtype=torch.float64)
+    eval_lists = [list(rng.integers(0, num_items, rng.integers(0, 4))) for _ in range(num_users)]
+    exclude_lists = [list(rng.integers(0, num_items, rng.integers(0, 3))) for _ in range(num_users)]
+    kwargs = dict(
+        similarity="dot",
+        eval_indptr=csr(eval_lists)[0],
+        eval_items=csr(eval_lists)[1],
+        exclude_indptr=csr(exclude_lists)[0],
+        exclude_items=csr(exclude_lists)[1],
+        ks=(1, 3),
+        user_chunk_size=user_chunk,
+    )
+    means = retrieval_metrics(user, items, **kwargs)
+    users, values = per_user_metrics(user, items, **kwargs)
+    expected_users = [
+        u for u in range(num_users) if set(eval_lists[u]) - set(exclude_lists[u])
+    ]
+    assert users.tolist() == expected_users
+    assert means["eval_users"] == len(expected_users)
+    for key, per_user in values.items():
+        assert per_user.shape == (len(expected_users),)
+        mean = float(per_user.mean()) if len(expected_users) else 0.0
+        assert mean == pytest.approx(means["mrr" if key == "reciprocal_rank" else key], abs=1e-12)

@@ -87,7 +87,7 @@ from benchmarks.baselines import (
     most_popular_vectors,
 )
 from twotower_core.config import Config, config_from_dict, config_to_dict
-from twotower_core.metrics import per_user_metrics, retrieval_metrics
+from twotower_core.metrics import per_user_metrics
 
 RESULTS = Path(__file__).parent / "results"
 CONFIGS = Path(__file__).parent / "configs"
@@ -441,13 +441,10 @@ def evaluate_vectors(
     ks: Sequence[int],
 ) -> dict[str, float]:
     """``retrieval_metrics`` of per-index vectors on ``split.held_out``, excluding train items."""
-    return retrieval_metrics(
-        torch.as_tensor(user_UD),
-        torch.as_tensor(item_ID),
-        similarity=similarity,
-        ks=tuple(ks),
-        **_targets_and_exclusions(split, num_users),
+    metrics, _, _ = evaluate_vectors_per_user(
+        user_UD, item_ID, split, num_users=num_users, similarity=similarity, ks=ks
     )
+    return metrics
 
 
 def evaluate_vectors_per_user(
@@ -458,16 +455,17 @@ def evaluate_vectors_per_user(
     num_users: int,
     similarity: str = "dot",
     ks: Sequence[int],
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """``per_user_metrics`` of the same evaluation: ([E] user indices, {metric: [E] values})."""
-    users_E, values = per_user_metrics(
+) -> tuple[dict[str, float], np.ndarray, dict[str, np.ndarray]]:
+    """``per_user_metrics`` of the same evaluation, in one pass: (the ``evaluate_vectors``
+    metrics, [E] user indices, {metric: [E] values})."""
+    metrics, users_E, values = per_user_metrics(
         torch.as_tensor(user_UD),
         torch.as_tensor(item_ID),
         similarity=similarity,
         ks=tuple(ks),
         **_targets_and_exclusions(split, num_users),
     )
-    return users_E.numpy(), {key: value.numpy() for key, value in values.items()}
+    return metrics, users_E.numpy(), {key: value.numpy() for key, value in values.items()}
 
 
 def _targets_and_exclusions(split: Split, num_users: int) -> dict[str, np.ndarray]:
@@ -893,14 +891,12 @@ def run_protocol(
     eval_users: list[np.ndarray] = []
 
     def score(model: str, user_UD, item_ID, similarity: str = "dot") -> dict[str, float]:
-        users_E, values = evaluate_vectors_per_user(
+        metrics, users_E, values = evaluate_vectors_per_user(
             user_UD, item_ID, test, num_users=ml.num_users, similarity=similarity, ks=proto.ks
         )
         eval_users.append(users_E)
         per_user.setdefault(model, []).append({m: values[m] for m in proto.headline})
-        return evaluate_vectors(
-            user_UD, item_ID, test, num_users=ml.num_users, similarity=similarity, ks=proto.ks
-        )
+        return metrics
 
     for model in models:
         started = time.perf_counter()

@@ -99,36 +99,15 @@ def retrieval_metrics(
     Returns:
         {metric: value} plus ``mrr`` and ``eval_users`` (how many users the means are over).
     """
-    _check_ks(ks)
-    blocks = _scored_blocks(
+    metrics, _, _ = _evaluate(
         user_UD, item_ID, similarity=similarity, eval_indptr=eval_indptr,
         eval_items=eval_items, exclude_indptr=exclude_indptr, exclude_items=exclude_items, ks=ks,
-        user_chunk_size=user_chunk_size, item_chunk_size=item_chunk_size,
+        user_chunk_size=user_chunk_size, item_chunk_size=item_chunk_size, keep_per_user=False,
     )  # fmt: skip
-    num_items = item_ID.shape[0]
-    max_k = min(max(ks), num_items)
-    sums: dict[str, float] = {}
-    count = 0
-    # best_rank_I[i] = the best rank item i reached in any user's top K (K = never).
-    best_rank_I = torch.full((num_items,), max_k, dtype=torch.long, device=user_UD.device)
-    for users_u, top_uK, per_user in blocks:
-        count += users_u.numel()
-        for key, values_u in per_user.items():
-            sums[key] = sums.get(key, 0.0) + float(values_u.sum())
-        valid_uK = top_uK >= 0
-        ranks_uK = torch.arange(max_k, device=top_uK.device).expand_as(top_uK)
-        best_rank_I.scatter_reduce_(0, top_uK[valid_uK], ranks_uK[valid_uK], reduce="amin")
-
-    metrics = {key: sums.get(key, 0.0) / count if count else 0.0 for key in _per_user_keys(ks)}
-    metrics["mrr"] = metrics.pop("reciprocal_rank")
-    for k in ks:
-        metrics[f"coverage@{k}"] = (
-            float((best_rank_I < min(k, max_k)).sum()) / max(num_items, 1) if count else 0.0
-        )
-    metrics["eval_users"] = float(count)
     return metrics
 
 
+@torch.no_grad()
 def per_user_metrics(
     user_UD: Tensor,
     item_ID: Tensor,
@@ -141,29 +120,68 @@ def per_user_metrics(
     ks: Sequence[int] = (10, 50, 100),
     user_chunk_size: int = 512,
     item_chunk_size: int = 65536,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """The per-user values whose means ``retrieval_metrics`` reports, for paired comparisons.
+) -> tuple[dict[str, float], Tensor, dict[str, Tensor]]:
+    """``retrieval_metrics`` with the per-user values behind its means, for paired comparisons.
 
-    Same arguments as ``retrieval_metrics``. Returns ([E] indices of the evaluated users, in
-    ascending order, {metric: [E] float64}) with ``recall@k``, ``recall_capped@k``,
-    ``hit_rate@k``, ``ndcg@k`` and ``reciprocal_rank`` (whose mean is ``mrr``). Coverage is a
-    catalog-level figure and has no per-user value.
+    Same arguments as ``retrieval_metrics``; one pass over the catalog. Returns (the metrics
+    ``retrieval_metrics`` returns, [E] indices of the evaluated users in ascending order,
+    {metric: [E] float64}) with ``recall@k``, ``recall_capped@k``, ``hit_rate@k``, ``ndcg@k``
+    and ``reciprocal_rank`` (whose mean is ``mrr``). Coverage is a catalog-level figure and has
+    no per-user value.
     """
-    _check_ks(ks)
-    blocks = _scored_blocks(
+    metrics, users_E, values = _evaluate(
         user_UD, item_ID, similarity=similarity, eval_indptr=eval_indptr,
         eval_items=eval_items, exclude_indptr=exclude_indptr, exclude_items=exclude_items, ks=ks,
-        user_chunk_size=user_chunk_size, item_chunk_size=item_chunk_size,
+        user_chunk_size=user_chunk_size, item_chunk_size=item_chunk_size, keep_per_user=True,
     )  # fmt: skip
-    users: list[Tensor] = []
-    parts: dict[str, list[Tensor]] = {key: [] for key in _per_user_keys(ks)}
-    for users_u, _, per_user in blocks:
-        users.append(users_u)
-        for key, values_u in per_user.items():
-            parts[key].append(values_u)
+    assert users_E is not None and values is not None
+    return metrics, users_E, values
+
+
+def _evaluate(
+    user_UD: Tensor,
+    item_ID: Tensor,
+    *,
+    keep_per_user: bool,
+    ks: Sequence[int],
+    **blocks_kwargs,
+) -> tuple[dict[str, float], Tensor | None, dict[str, Tensor] | None]:
+    """(means, and with ``keep_per_user`` the evaluated users and their per-user values)."""
+    _check_ks(ks)
+    num_items = item_ID.shape[0]
+    max_k = min(max(ks), num_items)
     device = user_UD.device
+    keys = _per_user_keys(ks)
+    sums = dict.fromkeys(keys, 0.0)
+    users: list[Tensor] = []
+    parts: dict[str, list[Tensor]] = {key: [] for key in keys}
+    count = 0
+    # best_rank_I[i] = the best rank item i reached in any user's top K (K = never).
+    best_rank_I = torch.full((num_items,), max_k, dtype=torch.long, device=device)
+    for users_u, top_uK, per_user in _scored_blocks(user_UD, item_ID, ks=ks, **blocks_kwargs):
+        count += users_u.numel()
+        for key, values_u in per_user.items():
+            sums[key] += float(values_u.sum())
+        if keep_per_user:
+            users.append(users_u)
+            for key, values_u in per_user.items():
+                parts[key].append(values_u)
+        valid_uK = top_uK >= 0
+        ranks_uK = torch.arange(max_k, device=device).expand_as(top_uK)
+        best_rank_I.scatter_reduce_(0, top_uK[valid_uK], ranks_uK[valid_uK], reduce="amin")
+
+    metrics = {key: value / count if count else 0.0 for key, value in sums.items()}
+    metrics["mrr"] = metrics.pop("reciprocal_rank")
+    for k in ks:
+        metrics[f"coverage@{k}"] = (
+            float((best_rank_I < min(k, max_k)).sum()) / max(num_items, 1) if count else 0.0
+        )
+    metrics["eval_users"] = float(count)
+    if not keep_per_user:
+        return metrics, None, None
     empty = torch.empty(0, dtype=torch.float64, device=device)
     return (
+        metrics,
         torch.cat(users) if users else torch.empty(0, dtype=torch.long, device=device),
         {key: torch.cat(values) if values else empty for key, values in parts.items()},
     )

@@ -295,7 +295,7 @@ def test_evaluate_vectors_per_user_matches_the_means():
     )
     user_UD = np.array([[1.0], [1.0], [-1.0]])
     item_ID = np.array([[3.0], [2.0], [1.0]])
-    users, values = evaluate_vectors_per_user(user_UD, item_ID, split, num_users=3, ks=(1,))
+    _, users, values = evaluate_vectors_per_user(user_UD, item_ID, split, num_users=3, ks=(1,))
     # User 0: item 0 excluded, item 1 first (hit). User 1: no target. User 2 ranks item 0 last.
     assert users.tolist() == [0, 2]
     assert values["hit_rate@1"].tolist() == [1.0, 0.0]

@@ -266,7 +266,7 @@ def test_per_user_values_of_a_hand_worked_case():
     # User 1: no target (skipped). User 2: target 0, ranked first.
     user = torch.ones(3, 1, dtype=torch.float64)
     _, items = one_dim_items([5.0, 4.0, 3.0, 2.0, 1.0])
-    users, values = per_user_metrics(
+    _, users, values = per_user_metrics(
         user,
         items,
         similarity="dot",
@@ -310,7 +310,7 @@ def test_per_user_values_average_to_retrieval_metrics(num_users, num_items, seed
         user_chunk_size=user_chunk,
     )
     means = retrieval_metrics(user, items, **kwargs)
-    users, values = per_user_metrics(user, items, **kwargs)
+    _, users, values = per_user_metrics(user, items, **kwargs)
     expected_users = [
         u for u in range(num_users) if set(eval_lists[u]) - set(exclude_lists[u])
     ]

@@ -40,10 +40,11 @@ from twotower_core.config import (
     config_from_dict,
 )
 from twotower_core.features import FeatureSpec, FeatureTable
+from twotower_core.losses import linear_autoencoder_rows
 from twotower_core.metrics import retrieval_metrics
 from twotower_core.negatives import UserPositives
 from twotower_core.task import build_task
-from twotower_core.towers import TwoTowerModel, build_two_tower, member_chunks
+from twotower_core.towers import TwoTowerModel, build_two_tower, linear_members, member_chunks
 
 STATE_FILE = "train_state.pt"
 TRAIN_COLUMNS = ["user_idx", "item_idx", "neg_item_idxs", "neg_sources"]
@@ -720,6 +721,10 @@ def _train_step(
         )
         parts.append(sampled_idx_S)
     user_BD, item_MD = pair(user_idx, torch.cat(parts), item_idx)
+    # The linear member's columns (model.linear_member_dim) come last; it has its own loss.
+    members, normalized = config.model.ensemble_members, config.model.normalize
+    base_dim = config.model.embedding_dim * members
+    user_BD, item_MD = user_BD[:, :base_dim], item_MD[:, :base_dim]
     pos_BD = item_MD[:batch_size]
     offset = batch_size
     neg_BND = None
@@ -731,7 +736,6 @@ def _train_step(
     sampled_SD = item_MD[offset:] if sampled_idx_S is not None else None
     # One loss per ensemble member, on its own slice of the embeddings (K = 1: the whole
     # embedding); their mean is the step's loss, so each member trains as if alone.
-    members, normalized = config.model.ensemble_members, config.model.normalize
     losses = [
         task(
             member_user_BD,
@@ -752,10 +756,38 @@ def _train_step(
         )
     ]
     loss = losses[0] if members == 1 else torch.stack(losses).mean()
+    if config.model.linear_member_dim > 0:
+        # Under DDP the towers are reached through .module; DDP's gradient hooks sit on the
+        # parameters, so this second use of them is reduced like the first.
+        loss = loss + linear_member_loss(getattr(pair, "module", pair), user_idx, item_idx, config)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
     return loss.detach()
+
+
+def linear_member_loss(
+    pair: TowerPair, user_idx_B: torch.Tensor, item_idx_B: torch.Tensor, config: Config
+) -> torch.Tensor:
+    """The linear member's step loss: ``linear_autoencoder_rows`` on its unscaled towers, from
+    each row's whole history bag and the bag without the row's item, plus
+    ``model.linear_member_l2`` · the squared norm of its weights."""
+    user_linear, item_linear = linear_members(pair.model)
+    name, codes_I = pair.history
+    bag_BL = pair.user_features.lookup(user_idx_B)[name]
+    loo_BL = without_targets(bag_BL, codes_I[item_idx_B.to(codes_I.device)])
+    user_BD = user_linear(user_idx_B, {name: bag_BL})
+    user_loo_BD = user_linear(user_idx_B, {name: loo_BL})
+    num_items = pair.item_features.num_rows
+    item_ID = item_linear(torch.arange(num_items, device=item_idx_B.device))
+    loss = linear_autoencoder_rows(
+        user_BD, user_loo_BD, item_ID[item_idx_B], item_ID.T @ item_ID, (bag_BL > 0).sum(dim=1)
+    )
+    l2 = config.model.linear_member_l2
+    if l2 > 0:
+        weights = [*user_linear.parameters(), *item_linear.parameters()]
+        loss = loss + l2 * sum(w.square().sum() for w in weights)
+    return loss
 
 
 def _optional_chunks(

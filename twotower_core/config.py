@@ -118,11 +118,22 @@ class ModelConfig:
     # the K models' scores, a deep ensemble (Lakshminarayanan et al. 2017) served as one model.
     # K times the training compute and the embedding width.
     ensemble_members: int = 1
+    # > 0: one more member of this width, linear: the user side sums the history bag's rows
+    # (``model.user_history_feature``), the item side is an ID row, each through one linear
+    # map. It is trained on EASE's objective (Steck 2019) with the rank this width allows:
+    # reconstruct every user's whole history row, all items scored, each item predicted from
+    # the rest of the bag (EASE's zero diagonal), squared error plus ``linear_member_l2`` ·
+    # ||weights||². Its user embedding is scaled by ``linear_member_weight`` and appended, so a
+    # score is the other members' score + weight × its own.
+    linear_member_dim: int = 0
+    linear_member_weight: float = 1.0
+    linear_member_l2: float = 0.0
 
     @property
     def output_dim(self) -> int:
-        """Width of the embeddings the towers write: ``embedding_dim × ensemble_members``."""
-        return self.embedding_dim * self.ensemble_members
+        """Width of the embeddings the towers write: ``embedding_dim × ensemble_members`` plus
+        ``linear_member_dim``."""
+        return self.embedding_dim * self.ensemble_members + self.linear_member_dim
 
 
 @dataclass(frozen=True)
@@ -472,6 +483,22 @@ def validate(config: Config) -> None:
             "model.user_history_feature",
             f"names {history!r}, whose kind in model.user_feature_kinds is "
             f"{m.user_feature_kinds.get(history)!r}, not bag",
+        )
+
+    _require(m.linear_member_dim >= 0, "model.linear_member_dim", "must be >= 0")
+    _require(m.linear_member_weight > 0, "model.linear_member_weight", "must be > 0")
+    _require(m.linear_member_l2 >= 0, "model.linear_member_l2", "must be >= 0")
+    if m.linear_member_dim > 0:
+        _require(
+            m.user_history_feature is not None,
+            "model.linear_member_dim",
+            "needs model.user_history_feature (the bag the linear member reconstructs)",
+        )
+        _require(
+            config.loss.similarity == "dot" and not m.normalize,
+            "model.linear_member_dim",
+            "needs loss.similarity=dot and model.normalize=false: only then is a score the "
+            "sum of the members' scores",
         )
 
     loss = config.loss

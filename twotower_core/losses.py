@@ -307,6 +307,46 @@ def in_batch_softmax(
 
 
 # --------------------------------------------------------------------------------------------
+# the linear member's objective (``model.linear_member_dim``; not a selectable ``loss.name``)
+
+
+def linear_autoencoder_rows(
+    user_BD: Tensor,
+    user_loo_BD: Tensor,
+    item_BD: Tensor,
+    item_gram_DD: Tensor,
+    bag_lengths_B: Tensor,
+) -> Tensor:
+    """EASE's squared error over the whole catalog (Steck 2019), per train row; mean over rows.
+
+    EASE fits B to minimise Σ_u Σ_i (X_ui − (X_u B)_ui)² with diag(B) = 0: every item of every
+    user is scored, and a user's own item i is predicted from the rest of its row. Here the
+    model is low-rank, score(u, i) = h_u · q_i, with h_u from the user's history bag (X_u) and
+    h_u^(−i) from the bag without i (the zero diagonal). Split over the user's n_u rows (one
+    per item i of the bag), user u's term is
+
+        Σ_{i in bag} [(1 − h_u^(−i) · q_i)² − (h_u · q_i)²] + h_u G h_uᵀ,   G = Σ_all q_j q_jᵀ,
+
+    the second part being Σ_{j not in bag} (h_u · q_j)² without scoring the catalog, so row
+    (u, i) takes (1 − h_u^(−i) · q_i)² − (h_u · q_i)² + h_u G h_uᵀ / n_u. The mean over an
+    epoch's rows is the objective divided by the number of rows, exactly when each row's item
+    is in its user's bag once and n_u is the bag's length.
+
+    Args:
+        user_BD: [B] rows' h_u, from the whole bag.
+        user_loo_BD: [B, D] h_u^(−i), from the bag without the row's item.
+        item_BD: [B, D] q_i of each row's item.
+        item_gram_DD: [D, D] G over every item of the catalog.
+        bag_lengths_B: [B] n_u, values in the row's user's bag (at least 1 is used).
+    """
+    loo_scores_B = (user_loo_BD * item_BD).sum(dim=-1)
+    scores_B = (user_BD * item_BD).sum(dim=-1)
+    catalog_B = ((user_BD @ item_gram_DD) * user_BD).sum(dim=-1)
+    lengths_B = bag_lengths_B.to(catalog_B.dtype).clamp_min(1.0)
+    return ((1.0 - loo_scores_B) ** 2 - scores_B**2 + catalog_B / lengths_B).mean()
+
+
+# --------------------------------------------------------------------------------------------
 # registry
 
 LOSSES: dict[str, Callable[..., Tensor]] = {

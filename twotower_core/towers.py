@@ -19,7 +19,7 @@ and an unseen entity is embedded from its features alone (ID part of the MLP inp
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -156,12 +156,69 @@ class EnsembleTower(nn.Module):
         return embedding / len(self.members) ** 0.5 if self.normalize else embedding
 
 
+class WithLinearMember(nn.Module):
+    """A side's towers plus the linear member (``model.linear_member_dim``):
+    ``forward -> [B, K·D + D_lin]``, the linear member's embedding appended, times ``weight``
+    on the user side (1 on the item side), so a dot score is the others' score + weight × the
+    linear member's. ``linear`` is the member itself, unscaled, for its loss."""
+
+    def __init__(self, base: nn.Module, linear: Tower, weight: float = 1.0) -> None:
+        super().__init__()
+        self.base = base
+        self.linear = linear
+        self.weight = weight
+        self.num_ids = base.num_ids
+        self.num_oov_buckets = base.num_oov_buckets
+        self.normalize = base.normalize
+        self.specs = base.specs
+        self.base_dim = base.output_dim
+        self.output_dim = base.output_dim + linear.output_dim
+
+    def forward(self, ids_B: Tensor, features: Mapping[str, Tensor] | None = None) -> Tensor:
+        # [B, K·D] and [B, D_lin] -> [B, K·D + D_lin]
+        return torch.cat(
+            [self.base(ids_B, features), self.weight * self.linear(ids_B, features)], dim=1
+        )
+
+
 def tower_members(tower: nn.Module) -> list[tuple[str, Tower]]:
     """(state-dict key infix, member) of each plain tower inside ``tower``: ``("", tower)`` for
-    a ``Tower``, ``(".members.k", member k)`` for an ``EnsembleTower``."""
+    a ``Tower``, ``(".members.k", member k)`` for an ``EnsembleTower``, and under a
+    ``WithLinearMember`` its base's members (``".base…"``) then ``(".linear", linear)``."""
+    if isinstance(tower, WithLinearMember):
+        return [(".base" + infix, member) for infix, member in tower_members(tower.base)] + [
+            (".linear", tower.linear)
+        ]
     if isinstance(tower, EnsembleTower):
         return [(f".members.{k}", member) for k, member in enumerate(tower.members)]
     return [("", tower)]
+
+
+def linear_member_config(config: ModelConfig) -> ModelConfig:
+    """The linear member's tower settings: ``linear_member_dim`` wide throughout, summed bag
+    rows, no hidden layer, dropout or normalisation (one linear map after the rows)."""
+    dim = config.linear_member_dim
+    return replace(
+        config,
+        embedding_dim=dim,
+        id_embedding_dim=dim,
+        feature_embedding_dim=dim,
+        hidden_dims=(),
+        dropout=0.0,
+        layer_norm=False,
+        normalize=False,
+        bag_pooling="sum",
+        use_features=True,
+        ensemble_members=1,
+        linear_member_dim=0,
+    )
+
+
+def linear_members(model: TwoTowerModel) -> tuple[Tower, Tower] | None:
+    """The (user, item) linear member towers, unscaled, or None without one."""
+    if isinstance(model.user_tower, WithLinearMember):
+        return model.user_tower.linear, model.item_tower.linear
+    return None
 
 
 def member_chunks(
@@ -218,7 +275,8 @@ def build_two_tower(
     item_specs: Sequence[FeatureSpec] = (),
 ) -> TwoTowerModel:
     """Towers per ``config``; with ``model.ensemble_members`` K > 1, each side is an
-    ``EnsembleTower`` of K towers."""
+    ``EnsembleTower`` of K towers; with ``model.linear_member_dim``, a ``WithLinearMember``
+    around them."""
 
     def side(num_ids: int, specs: Sequence[FeatureSpec], use_ids: bool) -> nn.Module:
         members = [
@@ -226,10 +284,24 @@ def build_two_tower(
         ]
         return members[0] if len(members) == 1 else EnsembleTower(members)
 
-    return TwoTowerModel(
-        side(num_users, user_specs, config.use_ids and config.user_id_embedding),
-        side(num_items, item_specs, config.use_ids),
-    )
+    user_tower = side(num_users, user_specs, config.use_ids and config.user_id_embedding)
+    item_tower = side(num_items, item_specs, config.use_ids)
+    if config.linear_member_dim > 0:
+        history = [s for s in user_specs if s.name == config.user_history_feature]
+        if not history or history[0].kind != "bag":
+            raise ValueError(
+                f"model.linear_member_dim needs the user bag feature "
+                f"{config.user_history_feature!r} (model.user_history_feature); the user "
+                f"features are {[s.name for s in user_specs]}"
+            )
+        linear = linear_member_config(config)
+        user_tower = WithLinearMember(
+            user_tower,
+            Tower(num_users, history, linear, use_ids=False),
+            config.linear_member_weight,
+        )
+        item_tower = WithLinearMember(item_tower, Tower(num_items, (), linear, use_ids=True))
+    return TwoTowerModel(user_tower, item_tower)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,7 +349,7 @@ def remap_id_rows(
     report = WarmStartReport()
     handled: set[str] = set()
     towers = [
-        (side + infix, member, index_map, old_specs)
+        (side + infix, member, index_map, _member_specs(infix, member, old_specs))
         for side, tower, index_map, old_specs in (
             ("user_tower", new_model.user_tower, user_index_map, old_user_specs),
             ("item_tower", new_model.item_tower, item_index_map, old_item_specs),
@@ -334,6 +406,17 @@ def remap_id_rows(
             report.fresh.append(key)
     new_model.load_state_dict(state)
     return report
+
+
+def _member_specs(
+    infix: str, member: Tower, old_specs: Sequence[FeatureSpec] | None
+) -> Sequence[FeatureSpec] | None:
+    """The old specs the member was built from: all of the side's, but the linear member reads
+    only the history bag, so its old feature tables are numbered within that one."""
+    if old_specs is None or not infix.endswith(".linear"):
+        return old_specs
+    names = {spec.name for spec in member.specs}
+    return [spec for spec in old_specs if spec.name in names]
 
 
 def _remap_id_table(

@@ -489,3 +489,50 @@ def test_shape_errors_name_the_shapes():
         bpr(t([1.0, 2.0]), t([[0.0]]))
     with pytest.raises(ValueError, match="neg_weights"):
         bpr(t([1.0]), t([[0.0]]), neg_weights=t([[1.0, 1.0]]))
+
+
+def _ease_objective(X_UI: torch.Tensor, P_ID: torch.Tensor, Q_ID: torch.Tensor) -> torch.Tensor:
+    """EASE's loss for the low-rank B = P Qᵀ with diag(B) zeroed, scoring every (user, item)."""
+    B_II = P_ID @ Q_ID.T
+    B_II = B_II - torch.diag(torch.diag(B_II))
+    return ((X_UI - X_UI @ B_II) ** 2).sum()
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    num_users=st.integers(1, 6),
+    num_items=st.integers(2, 9),
+    dim=st.integers(1, 4),
+    seed=st.integers(0, 10_000),
+)
+def test_linear_autoencoder_rows_sum_to_the_ease_objective(num_users, num_items, dim, seed):
+    """Summed over one row per (user, item of its bag), the rows' losses are EASE's squared
+    error over the whole catalog with the zero diagonal, for any low-rank weights."""
+    generator = torch.Generator().manual_seed(seed)
+    X_UI = (torch.rand(num_users, num_items, generator=generator) < 0.5).to(torch.float64)
+    X_UI[:, 0] = 1.0  # every user has a row
+    P_ID = torch.randn(num_items, dim, generator=generator, dtype=torch.float64)
+    Q_ID = torch.randn(num_items, dim, generator=generator, dtype=torch.float64)
+    users_R, items_R = X_UI.nonzero(as_tuple=True)
+    bags_RI = X_UI[users_R]
+    loo_RI = bags_RI.clone()
+    loo_RI[torch.arange(len(items_R)), items_R] = 0.0
+    rows = losses.linear_autoencoder_rows(
+        bags_RI @ P_ID, loo_RI @ P_ID, Q_ID[items_R], Q_ID.T @ Q_ID, bags_RI.sum(dim=1)
+    )
+    expected = _ease_objective(X_UI, P_ID, Q_ID)
+    torch.testing.assert_close(rows * len(items_R), expected)
+
+
+def test_linear_autoencoder_rows_by_hand():
+    """One user with bag {0}, two items, 1-d: h = p0 = 2, h without item 0 = 0, q = (0.5, 1).
+    Item 0: (1 − 0)²; item 1 (not in the bag): (h·q1)² = 4. Total 5; the row's share is
+    (1 − 0)² − (2·0.5)² + h G h / 1 = 1 − 1 + 2·1.25·2 = 5."""
+    loss = losses.linear_autoencoder_rows(
+        torch.tensor([[2.0]]),
+        torch.tensor([[0.0]]),
+        torch.tensor([[0.5]]),
+        torch.tensor([[1.25]]),
+        torch.tensor([1]),
+    )
+    assert float(loss) == pytest.approx(5.0)

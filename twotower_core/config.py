@@ -118,9 +118,9 @@ class ModelConfig:
     # the K models' scores, a deep ensemble (Lakshminarayanan et al. 2017) served as one model.
     # K times the training compute and the embedding width.
     ensemble_members: int = 1
-    # > 0: one more member of this width, linear: the user side sums the history bag's rows
-    # (``model.user_history_feature``), the item side is an ID row, each through one linear
-    # map. It is trained on EASE's objective (Steck 2019) with the rank this width allows:
+    # > 0: one more member of this width, linear: the user embedding is the sum of the history
+    # bag's rows (``model.user_history_feature``), the item embedding its ID row, with no layers
+    # after them. It is trained on EASE's objective (Steck 2019) with the rank this width allows:
     # reconstruct every user's whole history row, all items scored, each item predicted from
     # the rest of the bag (EASE's zero diagonal), squared error plus ``linear_member_l2`` ·
     # ||weights||². Its user embedding is scaled by ``linear_member_weight`` and appended, so a

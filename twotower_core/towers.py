@@ -55,9 +55,12 @@ class Tower(nn.Module):
         config: ModelConfig,
         *,
         use_ids: bool | None = None,
+        output_map: bool = True,
     ) -> None:
         """``use_ids`` overrides ``config.use_ids`` (the user tower passes
-        ``model.user_id_embedding``)."""
+        ``model.user_id_embedding``). ``output_map`` False (the linear member): no layers at
+        all, the embedding is the ID row or the pooled feature rows as they are, so their width
+        must be ``embedding_dim``."""
         super().__init__()
         use_ids = config.use_ids if use_ids is None else use_ids
         if num_ids < 0:
@@ -86,6 +89,15 @@ class Tower(nn.Module):
                 "a tower needs ID embeddings (model.use_ids, model.user_id_embedding) or at least "
                 "one feature"
             )
+        self.output_dim = config.embedding_dim
+        if not output_map:
+            if config.hidden_dims or input_dim != config.embedding_dim:
+                raise ValueError(
+                    f"a tower without an output map needs no hidden layers and input width "
+                    f"{config.embedding_dim}, got {list(config.hidden_dims)} and {input_dim}"
+                )
+            self.mlp = nn.Identity()
+            return
         layers: list[nn.Module] = []
         for hidden_dim in config.hidden_dims:
             layers.append(nn.Linear(input_dim, hidden_dim))
@@ -97,7 +109,6 @@ class Tower(nn.Module):
             input_dim = hidden_dim
         layers.append(nn.Linear(input_dim, config.embedding_dim))
         self.mlp = nn.Sequential(*layers)
-        self.output_dim = config.embedding_dim
 
     def id_rows(self, ids_B: Tensor) -> Tensor:
         """[B] row of the ID table for each index: i in [0, num_ids) → i; the code −1 − b of an
@@ -195,8 +206,9 @@ def tower_members(tower: nn.Module) -> list[tuple[str, Tower]]:
 
 
 def linear_member_config(config: ModelConfig) -> ModelConfig:
-    """The linear member's tower settings: ``linear_member_dim`` wide throughout, summed bag
-    rows, no hidden layer, dropout or normalisation (one linear map after the rows)."""
+    """The linear member's tower settings: ``linear_member_dim`` wide rows, summed bag rows, no
+    hidden layer, dropout or normalisation (its towers are built without an output map: the
+    embedding is the rows themselves, B = P Qᵀ as in a low-rank EASE)."""
     dim = config.linear_member_dim
     return replace(
         config,
@@ -297,10 +309,12 @@ def build_two_tower(
         linear = linear_member_config(config)
         user_tower = WithLinearMember(
             user_tower,
-            Tower(num_users, history, linear, use_ids=False),
+            Tower(num_users, history, linear, use_ids=False, output_map=False),
             config.linear_member_weight,
         )
-        item_tower = WithLinearMember(item_tower, Tower(num_items, (), linear, use_ids=True))
+        item_tower = WithLinearMember(
+            item_tower, Tower(num_items, (), linear, use_ids=True, output_map=False)
+        )
     return TwoTowerModel(user_tower, item_tower)
 
 

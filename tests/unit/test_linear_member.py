@@ -257,3 +257,25 @@ def test_warm_start_moves_the_linear_rows_with_their_ids():
     old_rows, new_rows = history_rows(old_pair, old_specs), history_rows(new_pair, new_specs)
     for value, row in new_rows.items():
         torch.testing.assert_close(row, old_rows[value])
+
+
+def test_the_linear_member_has_no_layers_after_its_rows():
+    """Its user embedding is the sum of the bag's rows, its item embedding the ID row."""
+    pair, _ = _pair(_config())
+    user_linear, item_linear = linear_members(pair.model)
+    assert isinstance(user_linear.mlp, torch.nn.Identity)
+    assert isinstance(item_linear.mlp, torch.nn.Identity)
+    table = user_linear.features.embeddings[0].weight
+    bag = pair.user_features.lookup(torch.tensor([1]))["history"]
+    torch.testing.assert_close(
+        user_linear(torch.tensor([1]), {"history": bag})[0], table[bag[0]].sum(dim=0)
+    )
+    torch.testing.assert_close(item_linear(torch.tensor([3])), item_linear.id_embedding.weight[3:4])
+
+
+def test_a_tower_without_output_map_needs_matching_width():
+    from twotower_core.towers import Tower
+
+    config = _config(hidden_dims=[8]).model
+    with pytest.raises(ValueError, match=r"without an output map needs no hidden layers"):
+        Tower(3, (), config, use_ids=True, output_map=False)

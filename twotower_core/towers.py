@@ -182,7 +182,6 @@ class WithLinearMember(nn.Module):
         self.num_oov_buckets = base.num_oov_buckets
         self.normalize = base.normalize
         self.specs = base.specs
-        self.base_dim = base.output_dim
         self.output_dim = base.output_dim + linear.output_dim
 
     def forward(self, ids_B: Tensor, features: Mapping[str, Tensor] | None = None) -> Tensor:

@@ -778,16 +778,38 @@ def linear_member_loss(
     loo_BL = without_targets(bag_BL, codes_I[item_idx_B.to(codes_I.device)])
     user_BD = user_linear(user_idx_B, {name: bag_BL})
     user_loo_BD = user_linear(user_idx_B, {name: loo_BL})
-    num_items = pair.item_features.num_rows
-    item_ID = item_linear(torch.arange(num_items, device=item_idx_B.device))
+    item_ID = item_linear(torch.arange(item_linear.num_ids, device=item_idx_B.device))
+    bag_items_BL, bag_mask_BL = _distinct_bag_items(bag_BL, codes_I.to(bag_BL.device))
     loss = linear_autoencoder_rows(
-        user_BD, user_loo_BD, item_ID[item_idx_B], item_ID.T @ item_ID, (bag_BL > 0).sum(dim=1)
+        user_BD,
+        user_loo_BD,
+        item_ID[item_idx_B],
+        item_ID.T @ item_ID,
+        item_ID[bag_items_BL],
+        bag_mask_BL,
     )
     l2 = config.model.linear_member_l2
     if l2 > 0:
         weights = [*user_linear.parameters(), *item_linear.parameters()]
         loss = loss + l2 * sum(w.square().sum() for w in weights)
     return loss
+
+
+def _distinct_bag_items(
+    bag_BL: torch.Tensor, codes_I: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """([B, L] item index of each bag value, [B, L] mask of the ones to count): each item of a
+    bag once (a repeated value counts at its first sorted place), no padding, no value that is
+    no item of the catalog."""
+    num_codes = max(int(bag_BL.max()) if bag_BL.numel() else 0, int(codes_I.max())) + 1
+    item_of_code = torch.full((num_codes,), -1, dtype=torch.long, device=bag_BL.device)
+    known_I = codes_I > 0
+    item_of_code[codes_I[known_I]] = torch.nonzero(known_I).squeeze(1)
+    sorted_BL = bag_BL.sort(dim=1).values
+    first_BL = torch.ones_like(sorted_BL, dtype=torch.bool)
+    first_BL[:, 1:] = sorted_BL[:, 1:] != sorted_BL[:, :-1]
+    items_BL = item_of_code[sorted_BL]
+    return items_BL.clamp_min(0), first_BL & (sorted_BL > 0) & (items_BL >= 0)
 
 
 def _optional_chunks(

@@ -315,35 +315,40 @@ def linear_autoencoder_rows(
     user_loo_BD: Tensor,
     item_BD: Tensor,
     item_gram_DD: Tensor,
-    bag_lengths_B: Tensor,
+    bag_items_BLD: Tensor,
+    bag_mask_BL: Tensor,
 ) -> Tensor:
     """EASE's squared error over the whole catalog (Steck 2019), per train row; mean over rows.
 
     EASE fits B to minimise Σ_u Σ_i (X_ui − (X_u B)_ui)² with diag(B) = 0: every item of every
     user is scored, and a user's own item i is predicted from the rest of its row. Here the
     model is low-rank, score(u, i) = h_u · q_i, with h_u from the user's history bag (X_u) and
-    h_u^(−i) from the bag without i (the zero diagonal). Split over the user's n_u rows (one
-    per item i of the bag), user u's term is
+    h_u^(−i) from the bag without i (the zero diagonal). User u's term splits over its n_u rows
+    (one per distinct item i of the bag) as
 
-        Σ_{i in bag} [(1 − h_u^(−i) · q_i)² − (h_u · q_i)²] + h_u G h_uᵀ,   G = Σ_all q_j q_jᵀ,
+        row (u, i):  (1 − h_u^(−i) · q_i)²  +  (h_u G h_uᵀ − Σ_{j in bag} (h_u · q_j)²) / n_u,
 
-    the second part being Σ_{j not in bag} (h_u · q_j)² without scoring the catalog, so row
-    (u, i) takes (1 − h_u^(−i) · q_i)² − (h_u · q_i)² + h_u G h_uᵀ / n_u. The mean over an
-    epoch's rows is the objective divided by the number of rows, exactly when each row's item
-    is in its user's bag once and n_u is the bag's length.
+    G = Σ_all q_j q_jᵀ: the second part is Σ_{j not in bag} (h_u · q_j)², the catalog's
+    negatives, without scoring the catalog. The mean over an epoch's rows is the objective
+    divided by the number of rows when each row's item is in its user's bag and each (user,
+    item) is one row. Otherwise (a positive repeated over several rows, an item missing from
+    the bag) it is a reweighted sum of the same squares: every row's loss stays ≥ 0, so the
+    fit cannot run away.
 
     Args:
-        user_BD: [B] rows' h_u, from the whole bag.
+        user_BD: [B, D] h_u of each row's user, from the whole bag.
         user_loo_BD: [B, D] h_u^(−i), from the bag without the row's item.
         item_BD: [B, D] q_i of each row's item.
         item_gram_DD: [D, D] G over every item of the catalog.
-        bag_lengths_B: [B] n_u, values in the row's user's bag (at least 1 is used).
+        bag_items_BLD: [B, L, D] q_j of the items of each row's user's bag.
+        bag_mask_BL: [B, L] bool, which of them count: each distinct item once, no padding.
     """
     loo_scores_B = (user_loo_BD * item_BD).sum(dim=-1)
-    scores_B = (user_BD * item_BD).sum(dim=-1)
     catalog_B = ((user_BD @ item_gram_DD) * user_BD).sum(dim=-1)
-    lengths_B = bag_lengths_B.to(catalog_B.dtype).clamp_min(1.0)
-    return ((1.0 - loo_scores_B) ** 2 - scores_B**2 + catalog_B / lengths_B).mean()
+    bag_scores_BL = torch.einsum("bld,bd->bl", bag_items_BLD, user_BD)
+    in_bag_B = (bag_scores_BL.square() * bag_mask_BL).sum(dim=-1)
+    lengths_B = bag_mask_BL.sum(dim=-1).to(catalog_B.dtype).clamp_min(1.0)
+    return ((1.0 - loo_scores_B) ** 2 + (catalog_B - in_bag_B) / lengths_B).mean()
 
 
 # --------------------------------------------------------------------------------------------

@@ -279,3 +279,29 @@ def test_a_tower_without_output_map_needs_matching_width():
     config = _config(hidden_dims=[8]).model
     with pytest.raises(ValueError, match=r"without an output map needs no hidden layers"):
         Tower(3, (), config, use_ids=True, output_map=False)
+
+
+def test_distinct_bag_items_count_each_item_once():
+    from pipelines.train_loop import _distinct_bag_items
+
+    codes_I = torch.tensor([2, 0, 1, 3])  # item 1 is no bag value; code 4 is no item
+    bag_BL = torch.tensor([[1, 2, 1, 0], [4, 3, 3, 2], [0, 0, 0, 0]])
+    items_BL, mask_BL = _distinct_bag_items(bag_BL, codes_I)
+    counted = [sorted(items_BL[b][mask_BL[b]].tolist()) for b in range(3)]
+    assert counted == [[0, 2], [0, 3], []]
+
+
+def test_repeated_rows_and_stray_items_keep_the_loss_bounded():
+    """A bag holding a value twice and rows repeated or outside their user's bag are outside
+    the exact case, but no row's loss goes below 0 whatever the weights."""
+    histories = [[500, 500, 502], [501, 502, 503], [504], [500, 501, 503, 505]]
+    config = _config()
+    pair, _ = _pair(config, histories=histories)
+    user_linear, item_linear = linear_members(pair.model)
+    with torch.no_grad():
+        for module in (user_linear, item_linear):
+            for weight in module.parameters():
+                weight.mul_(10.0)  # large scores: a negative part would show
+        for user, item in [(0, 0), (0, 0), (0, 5), (2, 1), (3, 3)]:
+            loss = linear_member_loss(pair, torch.tensor([user]), torch.tensor([item]), config)
+            assert torch.isfinite(loss) and float(loss) >= 0.0, (user, item)

@@ -498,6 +498,27 @@ def _ease_objective(X_UI: torch.Tensor, P_ID: torch.Tensor, Q_ID: torch.Tensor) 
     return ((X_UI - X_UI @ B_II) ** 2).sum()
 
 
+def _rows_of(X_UI: torch.Tensor, P_ID: torch.Tensor, Q_ID: torch.Tensor, users_R, items_R):
+    """``linear_autoencoder_rows`` per row, each row's bag given as its user's X row."""
+    bags_RI = X_UI[users_R]
+    loo_RI = bags_RI.clone()
+    loo_RI[torch.arange(len(items_R)), items_R] = 0.0
+    num_items = X_UI.shape[1]
+    return torch.stack(
+        [
+            losses.linear_autoencoder_rows(
+                (bags_RI[r] @ P_ID)[None],
+                (loo_RI[r] @ P_ID)[None],
+                Q_ID[items_R[r]][None],
+                Q_ID.T @ Q_ID,
+                Q_ID[None].expand(1, num_items, -1),
+                bags_RI[r][None] > 0,
+            )
+            for r in range(len(items_R))
+        ]
+    )
+
+
 @settings(max_examples=25, deadline=None)
 @given(
     num_users=st.integers(1, 6),
@@ -507,32 +528,33 @@ def _ease_objective(X_UI: torch.Tensor, P_ID: torch.Tensor, Q_ID: torch.Tensor) 
 )
 def test_linear_autoencoder_rows_sum_to_the_ease_objective(num_users, num_items, dim, seed):
     """Summed over one row per (user, item of its bag), the rows' losses are EASE's squared
-    error over the whole catalog with the zero diagonal, for any low-rank weights."""
+    error over the whole catalog with the zero diagonal, for any low-rank weights; and every
+    row's loss is ≥ 0, so repeated rows or items missing from the bag only reweight squares."""
     generator = torch.Generator().manual_seed(seed)
     X_UI = (torch.rand(num_users, num_items, generator=generator) < 0.5).to(torch.float64)
     X_UI[:, 0] = 1.0  # every user has a row
     P_ID = torch.randn(num_items, dim, generator=generator, dtype=torch.float64)
     Q_ID = torch.randn(num_items, dim, generator=generator, dtype=torch.float64)
     users_R, items_R = X_UI.nonzero(as_tuple=True)
-    bags_RI = X_UI[users_R]
-    loo_RI = bags_RI.clone()
-    loo_RI[torch.arange(len(items_R)), items_R] = 0.0
-    rows = losses.linear_autoencoder_rows(
-        bags_RI @ P_ID, loo_RI @ P_ID, Q_ID[items_R], Q_ID.T @ Q_ID, bags_RI.sum(dim=1)
+    rows_R = _rows_of(X_UI, P_ID, Q_ID, users_R, items_R)
+    torch.testing.assert_close(rows_R.sum(), _ease_objective(X_UI, P_ID, Q_ID))
+    # User 0 with every item, in its bag or not (a stray row), still costs ≥ 0 a row.
+    stray_R = _rows_of(
+        X_UI, P_ID, Q_ID, torch.zeros(num_items, dtype=torch.long), torch.arange(num_items)
     )
-    expected = _ease_objective(X_UI, P_ID, Q_ID)
-    torch.testing.assert_close(rows * len(items_R), expected)
+    assert bool((rows_R >= -1e-9).all()) and bool((stray_R >= -1e-9).all())
 
 
 def test_linear_autoencoder_rows_by_hand():
     """One user with bag {0}, two items, 1-d: h = p0 = 2, h without item 0 = 0, q = (0.5, 1).
     Item 0: (1 − 0)²; item 1 (not in the bag): (h·q1)² = 4. Total 5; the row's share is
-    (1 − 0)² − (2·0.5)² + h G h / 1 = 1 − 1 + 2·1.25·2 = 5."""
+    (1 − 0)² + (h G h − (h·q0)²) / 1 = 1 + (2·1.25·2 − 1) = 5."""
     loss = losses.linear_autoencoder_rows(
         torch.tensor([[2.0]]),
         torch.tensor([[0.0]]),
         torch.tensor([[0.5]]),
         torch.tensor([[1.25]]),
-        torch.tensor([1]),
+        torch.tensor([[[0.5], [1.0]]]),
+        torch.tensor([[True, False]]),
     )
     assert float(loss) == pytest.approx(5.0)

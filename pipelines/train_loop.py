@@ -775,9 +775,13 @@ def linear_member_loss(
     user_linear, item_linear = linear_members(pair.model)
     name, codes_I = pair.history
     bag_BL = pair.user_features.lookup(user_idx_B)[name]
-    loo_BL = without_targets(bag_BL, codes_I[item_idx_B.to(codes_I.device)])
+    target_code_B = codes_I[item_idx_B.to(codes_I.device)].to(bag_BL.device)
     user_BD = user_linear(user_idx_B, {name: bag_BL})
-    user_loo_BD = user_linear(user_idx_B, {name: loo_BL})
+    # The bag without the row's item (``without_targets``) sums to the whole bag's rows minus
+    # that item's row once per occurrence: no second pass over the bag.
+    occurrences_B1 = ((bag_BL == target_code_B[:, None]) & (bag_BL > 0)).sum(1, keepdim=True)
+    target_rows_BD = user_linear.features.embeddings[0](target_code_B)
+    user_loo_BD = user_BD - occurrences_B1.to(user_BD.dtype) * target_rows_BD
     item_ID = item_linear(torch.arange(item_linear.num_ids, device=item_idx_B.device))
     bag_items_BL, bag_mask_BL = _distinct_bag_items(bag_BL, codes_I.to(bag_BL.device))
     loss = linear_autoencoder_rows(
